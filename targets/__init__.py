@@ -1,0 +1,1 @@
+"""Compilation targets, one module per kind (installed as dyncompile.targets)."""
