@@ -1,0 +1,651 @@
+"""Pass `couple`: find which channels must be kept or dropped together.
+
+How it works (no pattern matching): every output channel of a producer layer (conv, linear) gets a fresh
+*atom* id. The graph is run once on an example input while a second, integer "label" tensor rides along
+with every value. Operations that only move elements around (view, transpose, cat, chunk, split, slicing,
+index_select, pad, pixel/channel shuffle…) are applied *to the label tensor itself*, so channel shuffles,
+constant split sizes, slice+concat and flatten→linear come out exactly, whatever the code looks like.
+Operations that combine elements position-wise (add, mul, gates) tie the atoms they meet (union-find).
+Grouped convolutions tie input and output channels of each conv-group. Anything not understood is *fixed*
+(kept at full width) and the reason recorded, never guessed.
+
+Two invariants keep every sub-net extractable as a plain smaller network:
+- every label tensor varies along at most one dim (a 2-group channel shuffle therefore ties channel j of
+  both halves: shuffling is *not* an identity, and the analysis refuses to pretend it is);
+- a layer that consumes channels (conv, linear, BN) sees labels varying only along its channel dim.
+
+Result, written into the DynGraph: final class ids on every node (`node.meta[LABELS]`), the producer-level
+coupling graph (networkx, edges say where channels were tied), and the channel sets.
+
+Example::
+
+    dg = trace(model, (1, 3, 32, 32)); couple(dg)
+    for s in dg.sets: print(s.name, s.channels, len(s.classes), s.producers)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
+
+__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES"]
+
+GROUPED_CONV_MODES = ("auto", "group", "position")
+_MAX_PARAM_ATOMS = 1 << 16  # larger constant tensors (embeddings…) are simply fixed
+
+
+# ───────────────────────────── union-find over channel atoms ─────────────────────────────
+class ChannelUnionFind:
+    """Atoms are ints; the root of a class is its smallest atom, so the FIXED class keeps id 0."""
+
+    def __init__(self) -> None:
+        self.parent = np.zeros(1024, dtype=np.int64)
+        self.count = 1  # atom 0 = FIXED
+        self.owner: list[str] = ["<fixed>"]
+
+    def new(self, n: int, owner: str) -> torch.Tensor:
+        while self.count + n > len(self.parent):
+            self.parent = np.concatenate([self.parent, np.zeros_like(self.parent)])
+        ids = np.arange(self.count, self.count + n)
+        self.parent[ids] = ids
+        self.count += n
+        self.owner.extend([owner] * n)
+        return torch.from_numpy(ids.copy())
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        for x, y in pairs.unique(dim=0).tolist():
+            self.union(x, y)
+
+    def union_all(self, t: torch.Tensor) -> None:
+        u = t.unique().tolist()
+        for x in u[1:]:
+            self.union(u[0], x)
+
+    def roots(self, t: torch.Tensor) -> torch.Tensor:
+        p = self.parent[: self.count]
+        while True:
+            pp = p[p]
+            if np.array_equal(pp, p):
+                break
+            p = pp
+        self.parent[: self.count] = p
+        return torch.from_numpy(p.copy())[t]
+
+
+# ───────────────────────────── label-tensor helpers ─────────────────────────────
+def compress(labels: torch.Tensor) -> torch.Tensor:
+    """Shrink every dim along which the labels are constant to size 1."""
+    for d in range(labels.dim()):
+        if labels.shape[d] > 1 and bool((labels == labels.narrow(d, 0, 1)).all()):
+            labels = labels.narrow(d, 0, 1)
+    return labels.contiguous()
+
+
+def varying_dims(labels: torch.Tensor) -> list[int]:
+    return [d for d in range(labels.dim()) if labels.shape[d] > 1]
+
+
+def fixed_like(value: Any) -> Any:
+    """Labels saying 'all FIXED' for a value (tensor, or tuple/list of tensors)."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros([1] * value.dim(), dtype=torch.int64)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(fixed_like(v) for v in value)
+    return None
+
+
+def channel_vector(labels: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """1-D labels along `dim` (labels must not vary along any other dim)."""
+    v = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)[:, 0]
+    return v.expand(size).clone() if v.numel() == 1 else v.clone()
+
+
+def _tensor_leaves(obj: Any) -> list:
+    if isinstance(obj, (tuple, list)):
+        return [x for o in obj for x in _tensor_leaves(o)]
+    return [obj] if isinstance(obj, torch.Tensor) else []
+
+
+# ───────────────────────────── handler tables ─────────────────────────────
+# Each handler: (analysis, node, value) -> labels of the node's value.
+Handler = Callable[["CouplingAnalysis", fx.Node, Any], Any]
+
+UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+    nn.Threshold, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+)
+CHANNELWISE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.GroupNorm)
+SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.Upsample,
+    nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+)
+REARRANGE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
+PRODUCER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+UNARY_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid, torch.sigmoid, torch.tanh, F.tanh, F.softplus,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp, torch.clip, torch.abs,
+    torch.neg, torch.exp, torch.square, torch.sqrt, torch.erf, operator.neg, F.logsigmoid, torch.clamp_min,
+}
+UNARY_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_max",
+    "clip", "abs", "neg", "exp", "sqrt", "square", "contiguous", "clone", "detach", "float", "double", "half",
+    "to", "type_as", "hardswish", "erf",
+}
+SPATIAL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample,
+    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+}
+REARRANGE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
+    torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split,
+    torch.chunk, torch.tensor_split, torch.unbind, torch.narrow, torch.index_select, torch.flip, torch.roll,
+    torch.t, F.pad, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
+    torch.pixel_shuffle, torch.pixel_unshuffle, torch.unflatten, operator.getitem,
+}
+REARRANGE_METHODS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "movedim", "squeeze",
+    "unsqueeze", "expand", "expand_as", "repeat", "split", "chunk", "unbind", "narrow", "index_select",
+    "flip", "roll", "t", "view_as", "reshape_as", "tensor_split",
+}
+ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.add, torch.sub, torch.subtract,
+    torch.mul, torch.multiply, torch.div, torch.divide, torch.true_divide, torch.maximum, torch.minimum,
+    torch.where, torch.pow,
+}
+ELEMENTWISE_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "where",
+    "__add__", "__radd__", "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "__iadd__",
+}
+REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var"}
+SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+SOFTMAX_METHODS = {"softmax", "log_softmax"}
+SHAPE_METHODS = {"size", "dim", "numel", "__len__", "get_device", "type", "ndimension", "nelement"}
+SHAPE_FUNCTIONS = {getattr, len, torch.numel}
+
+
+# ───────────────────────────── the analysis ─────────────────────────────
+class CouplingAnalysis(fx.Interpreter):
+    """Runs the graph on an example input, propagating channel labels beside the real values."""
+
+    def __init__(self, gm: fx.GraphModule, grouped_conv_mode: str = "group"):
+        super().__init__(gm)
+        self.uf = ChannelUnionFind()
+        self.labels: dict[fx.Node, Any] = {}
+        self.grouped_conv_mode = grouped_conv_mode
+        self.producers: dict[str, torch.Tensor] = {}  # producer node name -> its output atoms (1-D)
+        self.events: list[tuple[str, str, list[int]]] = []  # (node, why, atoms tied) for the coupling graph
+        self.fix_events: list[tuple[str, list[int]]] = []  # (why, atoms fixed)
+        self.modules = dict(gm.named_modules())
+
+    # ── plumbing ──
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        labels = self.label_node(n, value)
+        self.labels[n] = labels
+        n.meta[SHAPE] = _shape_of(value)
+        return value
+
+    def lab(self, arg: Any) -> Any:
+        """Labels for an argument: recurses into lists/tuples; None for non-tensors."""
+        if isinstance(arg, fx.Node):
+            return self.labels.get(arg)
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self.lab(a) for a in arg)
+        return None
+
+    def val(self, arg: Any) -> Any:
+        return fx.node.map_arg(arg, lambda n: self.env[n])
+
+    def tie(self, a: torch.Tensor, b: torch.Tensor, node: fx.Node, why: str) -> None:
+        a, b = torch.broadcast_tensors(a, b)
+        self.events.append((node.name, why, torch.cat([a.reshape(-1), b.reshape(-1)]).unique().tolist()))
+        self.uf.union_pairs(a, b)
+
+    def tie_all(self, t: torch.Tensor, node: fx.Node, why: str) -> None:
+        atoms = t.unique()
+        self.events.append((node.name, why, atoms.tolist()))
+        self.uf.union_all(atoms)
+
+    def fix(self, labels: Any, why: str) -> None:
+        for t in _tensor_leaves(labels):
+            atoms = t.unique()
+            self.fix_events.append((why, atoms.tolist()))
+            self.uf.union_all(torch.cat([atoms, torch.zeros(1, dtype=torch.int64)]))
+
+    def roots(self, labels: torch.Tensor) -> torch.Tensor:
+        return compress(self.uf.roots(labels))
+
+    def rectangular(self, labels: torch.Tensor, node: fx.Node) -> torch.Tensor:
+        """Enforce 'varies along at most one dim' by tying along the others (see module docstring)."""
+        labels = self.roots(labels)
+        dims = varying_dims(labels)
+        if len(dims) <= 1:
+            return labels
+        keep = max(dims, key=lambda d: (labels.shape[d], d))
+        rows = labels.movedim(keep, 0).reshape(labels.shape[keep], -1)
+        for row in rows:
+            self.tie_all(row, node, "reshape ties channel positions across the other dims")
+        return self.roots(labels)
+
+    # ── dispatch ──
+    def label_node(self, n: fx.Node, value: Any) -> Any:
+        if n.op == "placeholder":
+            return fixed_like(value)
+        if n.op == "get_attr":
+            return self.label_constant(n, value)
+        if n.op == "output":
+            self.fix(self.lab(n.args[0]), f"network output ({_describe(n.args[0])})")
+            return None
+        handler = self.handler_for(n)
+        if handler is None:
+            return self.unknown(n, value)
+        return handler(self, n, value)
+
+    def handler_for(self, n: fx.Node) -> Handler | None:
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                return _conv
+            if isinstance(m, nn.Linear):
+                return _linear
+            if isinstance(m, nn.GroupNorm):
+                return _group_norm
+            if isinstance(m, CHANNELWISE_MODULES):
+                return _unary if isinstance(m, nn.PReLU) and m.num_parameters == 1 else _channelwise
+            if isinstance(m, UNARY_MODULES):
+                return _unary
+            if isinstance(m, SPATIAL_MODULES):
+                return _spatial
+            if isinstance(m, REARRANGE_MODULES):
+                return _rearrange
+            if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+                return _softmax
+            return None
+        if n.op == "call_function":
+            table = _FUNCTION_HANDLERS
+        else:
+            table = _METHOD_HANDLERS
+        try:
+            return table.get(n.target)
+        except TypeError:  # unhashable target
+            return None
+
+    # ── node kinds ──
+    def label_constant(self, n: fx.Node, value: Any) -> Any:
+        """Parameters used directly in forward (layer scales, biases) get atoms of their own."""
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.numel() > _MAX_PARAM_ATOMS:
+            return fixed_like(value)
+        atoms = self.uf.new(value.numel(), f"param:{n.target}").reshape(value.shape)
+        return self.rectangular(atoms, n)
+
+    def unknown(self, n: fx.Node, value: Any) -> Any:
+        args = self.lab((n.args, tuple(n.kwargs.values())))
+        if _tensor_leaves(args):
+            self.fix(args, f"{_describe(n)} is not understood by the analysis")
+        return fixed_like(value)
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(tuple(v.shape) for v in value)
+    return None
+
+
+def _describe(n: Any) -> str:
+    if not isinstance(n, fx.Node):
+        return str(n)
+    if n.op == "call_module":
+        return f"module '{n.target}'"
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{target} at node '{n.name}'"
+
+
+def _data_labels(a: CouplingAnalysis, n: fx.Node) -> torch.Tensor:
+    return a.lab(n.args[0])
+
+
+def _channel_only(a: CouplingAnalysis, n: fx.Node, labels: torch.Tensor, dim: int, why: str) -> torch.Tensor:
+    """Labels varying only along `dim` (else fix them: a channel consumer cannot drop a spatial pattern)."""
+    dim = dim % labels.dim()
+    if any(d != dim for d in varying_dims(labels)):
+        a.fix(labels, f"{why}: channels vary along a non-channel dim")
+        return a.roots(labels)
+    return labels
+
+
+# ── producers ──
+def _conv(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
+    m: nn.Conv2d = a.modules[n.target]
+    x_labels = _channel_only(a, n, _data_labels(a, n), 1, f"conv '{n.target}' input")
+    inp = channel_vector(x_labels, 1, m.in_channels)
+    out = a.uf.new(m.out_channels, n.target)
+    a.producers[n.name] = out
+    g = m.groups
+    if g > 1:
+        in_pg, out_pg = m.in_channels // g, m.out_channels // g
+        if in_pg == 1 or a.grouped_conv_mode == "group":
+            for k in range(g):
+                a.tie_all(torch.cat([inp[k * in_pg:(k + 1) * in_pg], out[k * out_pg:(k + 1) * out_pg]]), n,
+                          f"conv-group {k} of grouped conv '{n.target}' (in and out move together)")
+        else:
+            for j in range(in_pg):
+                a.tie_all(inp[j::in_pg], n, f"grouped conv '{n.target}': input position {j} in every group")
+            for j in range(out_pg):
+                a.tie_all(out[j::out_pg], n, f"grouped conv '{n.target}': output position {j} in every group")
+    return a.roots(out.reshape([1, -1] + [1] * (value.dim() - 2)))
+
+
+def _linear(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
+    m: nn.Linear = a.modules[n.target]
+    _channel_only(a, n, _data_labels(a, n), -1, f"linear '{n.target}' input")
+    out = a.uf.new(m.out_features, n.target)
+    a.producers[n.name] = out
+    return a.roots(out.reshape([1] * (value.dim() - 1) + [-1]))
+
+
+# ── channel-preserving layers ──
+def _unary(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    labels = _data_labels(a, n)
+    if not isinstance(labels, torch.Tensor) or not isinstance(value, torch.Tensor):
+        return a.unknown(n, value)
+    return a.roots(labels.reshape(labels.shape if labels.dim() == value.dim() else [1] * value.dim()))
+
+
+def _channelwise(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
+    return _channel_only(a, n, _data_labels(a, n), 1, f"{_describe(n)}")
+
+
+def _group_norm(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
+    m: nn.GroupNorm = a.modules[n.target]
+    labels = _channel_only(a, n, _data_labels(a, n), 1, f"{_describe(n)}")
+    per = m.num_channels // m.num_groups
+    vec = channel_vector(labels, 1, m.num_channels)
+    for k in range(m.num_groups):
+        a.tie_all(vec[k * per:(k + 1) * per], n, f"group {k} of GroupNorm '{n.target}' is normalised together")
+    return a.roots(labels)
+
+
+def _spatial(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    labels = _data_labels(a, n)
+    if not isinstance(value, torch.Tensor) or not isinstance(labels, torch.Tensor) or value.dim() < 2:
+        return a.unknown(n, value)
+    labels = _channel_only(a, n, labels, 1, f"{_describe(n)}")
+    vec = labels.reshape(labels.shape[0], labels.shape[1], -1)[:, :, :1]
+    return vec.reshape([1, labels.shape[1]] + [1] * (value.dim() - 2))
+
+
+def _softmax(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
+    labels = _data_labels(a, n)
+    if n.op == "call_module":
+        dim = a.modules[n.target].dim
+    else:
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    if dim is None or (dim % labels.dim()) in varying_dims(labels):
+        a.fix(labels, f"{_describe(n)} normalises across channels")
+        return a.roots(labels)
+    return labels
+
+
+# ── rearrangements: apply the very same op to the labels ──
+def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    data = a.val(n.args[0]) if n.args else None
+    if n.op == "call_function" and n.target is operator.getitem and not isinstance(data, torch.Tensor):
+        inner = a.lab(n.args[0])
+        if isinstance(inner, (tuple, list)):
+            return inner[n.args[1]]
+        return None  # indexing a size tuple, etc.
+    labels0 = a.lab(n.args[0])
+    full0 = _expand_labels(labels0, a.val(n.args[0]))
+    if full0 is None:
+        return a.unknown(n, value)
+    args = (full0,) + tuple(a.val(x) for x in n.args[1:])
+    kwargs = {k: a.val(v) for k, v in n.kwargs.items()}
+    n.meta[ARGS] = (args[1:], kwargs)  # concrete values: extraction rewrites sizes from these
+    result = None
+    for dtype in (torch.int64, torch.float64):  # float64 holds ids exactly; some ops (reflect pad) want it
+        try:
+            cast_args = (_cast(args[0], dtype),) + args[1:]
+            if n.op == "call_module":
+                result = a.modules[n.target](*cast_args, **kwargs)
+            elif n.op == "call_method":
+                result = getattr(cast_args[0], n.target)(*cast_args[1:], **kwargs)
+            else:
+                result = n.target(*cast_args, **kwargs)
+            break
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+    if result is None:
+        return a.unknown(n, value)
+    if isinstance(result, torch.Tensor):
+        return a.rectangular(result.to(torch.int64), n)
+    return tuple(a.rectangular(r.to(torch.int64), n) for r in result)
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return type(x)(_cast(v, dtype) for v in x)
+
+
+def _expand_labels(labels: Any, value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and isinstance(labels, torch.Tensor):
+        return labels.expand(value.shape).contiguous()
+    if isinstance(value, (tuple, list)) and isinstance(labels, (tuple, list)) and len(value) == len(labels):
+        parts = [_expand_labels(lab, v) for lab, v in zip(labels, value)]
+        return None if any(p is None for p in parts) else type(value)(parts)
+    return None
+
+
+# ── position-wise combinations ──
+def _elementwise(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return None  # arithmetic on sizes
+    operands = [(a.val(x), a.lab(x)) for x in list(n.args) + list(n.kwargs.values())]
+    operands = [(v, lab) for v, lab in operands if isinstance(v, torch.Tensor) and isinstance(lab, torch.Tensor)]
+    if not operands:
+        return fixed_like(value)
+    out_shape = value.shape
+    rank = len(out_shape)
+    aligned = [(v, lab.reshape([1] * (rank - lab.dim()) + list(lab.shape))) for v, lab in operands]
+    real_shapes = [[1] * (rank - v.dim()) + list(v.shape) for v, _ in aligned]
+    # An operand broadcast along a dim where another operand's channels vary must stay whole.
+    varying = {d for _, lab in aligned for d in varying_dims(lab)}
+    tied = []
+    for (v, lab), shape in zip(aligned, real_shapes):
+        if any(shape[d] == 1 and out_shape[d] > 1 for d in varying):
+            a.fix(lab, f"{_describe(n)} broadcasts it over varying channels")
+        else:
+            tied.append(lab)
+    if not tied:
+        return fixed_like(value)
+    result = tied[0]
+    for other in tied[1:]:
+        a.tie(result, other, n, f"{_describe(n)} combines channels position-wise")
+        result = torch.broadcast_tensors(result, other)[0]
+    return a.rectangular(result, n)
+
+
+def _reduce(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    labels = _data_labels(a, n)
+    if not isinstance(value, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        return a.unknown(n, value)
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    keepdim = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+    dims = list(range(labels.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    dims = sorted(d % labels.dim() for d in dims)
+    if any(d in varying_dims(labels) for d in dims):
+        a.fix(labels, f"{_describe(n)} reduces across channels")
+        return fixed_like(value)
+    out = labels
+    for d in reversed(dims):
+        out = out.narrow(d, 0, 1) if keepdim else out.select(d, 0)
+    return out.reshape([1] * value.dim()) if out.dim() != value.dim() else out
+
+
+def _no_labels(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    return None if not isinstance(value, torch.Tensor) else a.unknown(n, value)
+
+
+_FUNCTION_HANDLERS: dict[Any, Handler] = {}
+_METHOD_HANDLERS: dict[str, Handler] = {}
+for _fns, _methods, _h in (
+    (UNARY_FUNCTIONS, UNARY_METHODS, _unary),
+    (SPATIAL_FUNCTIONS, set(), _spatial),
+    (REARRANGE_FUNCTIONS, REARRANGE_METHODS, _rearrange),
+    (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, _elementwise),
+    (REDUCE_FUNCTIONS, REDUCE_METHODS, _reduce),
+    (SOFTMAX_FUNCTIONS, SOFTMAX_METHODS, _softmax),
+    (SHAPE_FUNCTIONS, SHAPE_METHODS, _no_labels),
+):
+    _FUNCTION_HANDLERS.update(dict.fromkeys(_fns, _h))
+    _METHOD_HANDLERS.update(dict.fromkeys(_methods, _h))
+
+
+# ───────────────────────────── pass entry points ─────────────────────────────
+def analyse(gm: fx.GraphModule, input_shape: tuple[int, ...], grouped_conv_mode: str = "group") -> CouplingAnalysis:
+    """Run the label propagation once (no DynGraph changes): the raw analysis, for tests and debugging."""
+    analysis = CouplingAnalysis(gm, grouped_conv_mode)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        analysis.run(torch.randn(*input_shape, generator=generator))
+    return analysis
+
+
+def couple(dg: DynGraph, grouped_conv_mode: str = "auto") -> DynGraph:
+    """Annotate `dg.gm` with channel classes and fill `dg.coupling` and `dg.sets`."""
+    if grouped_conv_mode not in GROUPED_CONV_MODES:
+        raise ValueError(f"grouped_conv_mode must be one of {GROUPED_CONV_MODES}")
+    modes = ["group", "position"] if grouped_conv_mode == "auto" and _has_grouped_convs(dg.gm) else (
+        ["group"] if grouped_conv_mode == "auto" else [grouped_conv_mode])
+    best = None
+    for mode in modes:
+        analysis = analyse(dg.gm, dg.input_shape, mode)
+        free = _count_free_classes(analysis)
+        if best is None or free > best[0]:
+            best = (free, analysis)
+    analysis = best[1]
+    _write_back(dg, analysis)
+    return dg
+
+
+def _has_grouped_convs(gm: fx.GraphModule) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups < m.in_channels for m in gm.modules())
+
+
+def _count_free_classes(analysis: CouplingAnalysis) -> int:
+    if not analysis.producers:
+        return 0
+    atoms = torch.cat(list(analysis.producers.values()))
+    classes = analysis.uf.roots(atoms).unique()
+    return int((classes != FIXED).sum())
+
+
+def _write_back(dg: DynGraph, analysis: CouplingAnalysis) -> None:
+    uf = analysis.uf
+    for node in dg.gm.graph.nodes:
+        labels = analysis.labels.get(node)
+        if isinstance(labels, torch.Tensor):
+            node.meta[LABELS] = compress(uf.roots(labels))
+        elif isinstance(labels, tuple):
+            node.meta[LABELS] = tuple(compress(uf.roots(t)) for t in labels)
+        else:
+            node.meta[LABELS] = None
+    dg.num_classes = uf.count
+    roots = uf.roots(torch.arange(uf.count))
+    owners = uf.owner
+    order = {n.name: i for i, n in enumerate(dg.gm.graph.nodes)}
+    producer_names = sorted(analysis.producers, key=order.__getitem__)
+    producer_target = {n.name: n.target for n in dg.gm.graph.nodes if n.name in analysis.producers}
+
+    # The coupling graph: producers (by module name) are nodes; two are joined where they share a free class.
+    graph = nx.Graph()
+    for name in producer_names:
+        graph.add_node(producer_target[name], channels=len(analysis.producers[name]), node=name)
+    class_owners: dict[int, set[str]] = defaultdict(set)
+    for atom in range(1, uf.count):
+        root = int(roots[atom])
+        if root != FIXED:
+            class_owners[root].add(owners[atom])
+    for owner_set in class_owners.values():
+        members = sorted(owner_set)
+        graph.add_nodes_from(m for m in members if m not in graph)
+        for u, v in zip(members, members[1:]):
+            graph.add_edge(u, v)
+    for node_name, why, atoms in analysis.events:
+        tied = sorted({owners[x] for x in atoms if x != FIXED})
+        for u, v in zip(tied, tied[1:]):
+            if graph.has_edge(u, v):
+                graph.edges[u, v].setdefault("via", []).append(f"{node_name}: {why}")
+    dg.coupling = graph
+
+    fixed_reasons_by_owner: dict[str, list[str]] = defaultdict(list)
+    for why, atoms in analysis.fix_events:
+        for owner in sorted({owners[x] for x in atoms if x != FIXED}):
+            if why not in fixed_reasons_by_owner[owner]:
+                fixed_reasons_by_owner[owner].append(why)
+    dg.fixed_reasons = sorted({why for why, _ in analysis.fix_events})
+
+    sets = []
+    target_order = [producer_target[p] for p in producer_names]
+    for component in nx.connected_components(graph):
+        members = [t for t in target_order if t in component]
+        if not members:
+            continue  # only constants: nothing a sub-net can drop
+        classes: list[int] = []
+        seen: set[int] = set()
+        fixed_count = 0
+        for target in members:
+            for c in roots[analysis.producers[graph.nodes[target]["node"]]].tolist():
+                if c == FIXED:
+                    fixed_count += 1
+                elif c not in seen:
+                    seen.add(c)
+                    classes.append(c)
+        extra = sorted(c for c, o in class_owners.items() if o & component and c not in seen)
+        classes.extend(extra)
+        reasons = sorted({r for t in component for r in fixed_reasons_by_owner.get(t, [])})
+        sets.append(ChannelSet(
+            name=members[0], producers=members, channels=graph.nodes[members[0]]["channels"],
+            classes=classes, fixed_channels=fixed_count, fixed_reasons=reasons,
+        ))
+    sets.sort(key=lambda s: target_order.index(s.name))
+    dg.sets = sets

@@ -1,0 +1,321 @@
+"""Pass `extract`: cut a sub-net out as a physically smaller, plain `nn.Module` (an fx GraphModule).
+
+No masks: convs, linears and norms get fewer channels and sliced weights; parameters used directly in
+`forward` are sliced; ops whose arguments encode channel counts (view/reshape sizes, split sizes, chunk,
+slices, narrow, index_select indices) are rewritten from the concrete values seen while tracing, so even
+sizes written as constants in the model's code come out right. The batch dimension is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dyncompile.errors import DyncompileError
+from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
+
+__all__ = ["extract_subnet", "ExtractionError"]
+
+
+class ExtractionError(DyncompileError):
+    """The sub-net cannot be cut out (an analysis invariant was broken): a bug, never the user's fault."""
+
+
+Kept = tuple[int, torch.Tensor] | None  # (dim, kept indices) or None when nothing is dropped
+
+
+def _kept(labels: Any, shape: Any, keep: torch.Tensor) -> Any:
+    if isinstance(labels, tuple):
+        return tuple(_kept(lab, shp, keep) for lab, shp in zip(labels, shape))
+    if not isinstance(labels, torch.Tensor):
+        return None
+    k = keep[labels]
+    dims = [d for d in range(labels.dim()) if labels.shape[d] > 1]
+    if not dims:
+        if not bool(k.all()):
+            raise ExtractionError("a whole tensor would be dropped")
+        return None
+    if len(dims) > 1:
+        raise ExtractionError(f"labels vary along dims {dims}")
+    d = dims[0]
+    idx = k.movedim(d, 0).reshape(k.shape[d], -1)[:, 0].nonzero().flatten()
+    return None if len(idx) == shape[d] else (d, idx)
+
+
+def _indices(kept: Kept, dim: int, size: int) -> torch.Tensor:
+    if kept is None:
+        return torch.arange(size)
+    d, idx = kept
+    if d != dim:
+        raise ExtractionError(f"channels shrink along dim {d}, expected {dim}")
+    return idx
+
+
+class _Extractor:
+    def __init__(self, dg: DynGraph, keep: torch.Tensor, weights: fx.GraphModule | None):
+        self.dg = dg
+        self.gm = dg.gm
+        self.weights = weights if weights is not None else dg.gm
+        self.modules = dict(self.weights.named_modules())
+        self.kept = {n: _kept(n.meta.get(LABELS), n.meta.get(SHAPE), keep) for n in self.gm.graph.nodes}
+        self.root: dict[str, Any] = {}
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.buffers = 0
+
+    def run(self) -> fx.GraphModule:
+        for node in self.gm.graph.nodes:
+            self.env[node] = self.emit(node)
+        gm = fx.GraphModule(self.root, self.graph, f"{self.gm.__class__.__name__}Subnet")
+        gm.graph.lint()
+        return gm
+
+    def arg(self, a: Any) -> Any:
+        return fx.map_arg(a, lambda n: self.env[n])
+
+    def copy_node(self, node: fx.Node, args=None, kwargs=None, target=None) -> fx.Node:
+        new = self.graph.create_node(node.op, node.target if target is None else target,
+                                     self.arg(node.args if args is None else args),
+                                     self.arg(node.kwargs if kwargs is None else kwargs), name=node.name)
+        new.meta = {}
+        return new
+
+    def const_buffer(self, tensor: torch.Tensor) -> fx.Node:
+        name = f"dyncompile_index_{self.buffers}"
+        self.buffers += 1
+        self.root[name] = tensor
+        return self.graph.get_attr(name)
+
+    # ── per-node ──
+    def emit(self, node: fx.Node) -> fx.Node:
+        if node.op == "get_attr":
+            return self.emit_constant(node)
+        if node.op == "call_module":
+            self.root[node.target] = self.slice_module(node)
+            return self.copy_node(node)
+        if node.op in ("call_function", "call_method"):
+            return self.emit_call(node)
+        return self.copy_node(node)
+
+    def emit_constant(self, node: fx.Node) -> fx.Node:
+        value = _fetch_attr(self.weights, node.target)
+        kept = self.kept[node]
+        if isinstance(value, torch.Tensor):
+            sliced = value.detach().index_select(kept[0], kept[1]).clone() if kept else value.detach().clone()
+            self.root[node.target] = nn.Parameter(sliced, value.requires_grad) if isinstance(value, nn.Parameter) else sliced
+        else:
+            self.root[node.target] = copy.deepcopy(value)
+        return self.copy_node(node)
+
+    def input_kept(self, node: fx.Node) -> Kept:
+        src = node.args[0]
+        return self.kept.get(src) if isinstance(src, fx.Node) else None
+
+    def slice_module(self, node: fx.Node) -> nn.Module:
+        m = self.modules[node.target]
+        in_kept, out_kept = self.input_kept(node), self.kept[node]
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return _slice_conv(m, _indices(in_kept, 1, m.in_channels), _indices(out_kept, 1, m.out_channels))
+        if isinstance(m, nn.Linear):
+            rank = len(node.meta[SHAPE])
+            return _slice_linear(m, _indices(in_kept, rank - 1, m.in_features), _indices(out_kept, rank - 1, m.out_features))
+        if in_kept is None:
+            return _plain_copy(m)
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.PReLU, nn.GroupNorm)):
+            return _slice_channelwise(m, _indices(in_kept, 1, None))
+        return _plain_copy(m)  # channel-agnostic module (activation, pooling…)
+
+    def emit_call(self, node: fx.Node) -> fx.Node:
+        target = node.target
+        method = node.op == "call_method"
+        data_kept = self.input_kept(node) if node.args else None
+        if ARGS not in node.meta or (data_kept is None and not _any_kept(self.kept[node])):
+            return self.copy_node(node)
+        args, kwargs = node.meta[ARGS]
+        if (method and target in ("view", "reshape", "expand")) or target is torch.reshape:
+            return self.emit_resize(node)
+        if (method and target in ("split", "chunk", "tensor_split")) or target in (torch.split, torch.chunk, torch.tensor_split):
+            return self.emit_split(node, args, kwargs)
+        if target is operator.getitem and isinstance(node.args[0], fx.Node) and data_kept is not None:
+            return self.emit_getitem(node, data_kept, args[0])
+        if (method and target == "narrow") or target is torch.narrow:
+            dim, start, length = (list(args) + [kwargs.get("dim"), kwargs.get("start"), kwargs.get("length")])[:3]
+            return self.emit_index(node, data_kept, dim, slice(start, start + length))
+        if (method and target == "index_select") or target is torch.index_select:
+            dim = args[0] if args else kwargs["dim"]
+            index = args[1] if len(args) > 1 else kwargs["index"]
+            return self.emit_index(node, data_kept, dim, index)
+        return self.copy_node(node)
+
+    def emit_resize(self, node: fx.Node) -> fx.Node:
+        kept = self.kept[node]
+        if kept is None:
+            return self.copy_node(node)
+        dim, idx = kept
+        sizes_in_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+        sizes = list(node.args[1] if sizes_in_tuple else node.args[1:])
+        if len(sizes) != len(node.meta[SHAPE]):
+            raise ExtractionError(f"cannot rewrite the sizes of '{node.name}' ({sizes})")
+        if isinstance(sizes[dim], int) and sizes[dim] != -1:
+            sizes[dim] = len(idx)
+        new_args = (node.args[0], tuple(sizes)) if sizes_in_tuple else (node.args[0], *sizes)
+        return self.copy_node(node, args=new_args)
+
+    def emit_split(self, node: fx.Node, args, kwargs) -> fx.Node:
+        kept = self.kept[node]
+        shapes = node.meta[SHAPE]
+        data_shape = node.args[0].meta[SHAPE]
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % len(data_shape)
+        sizes = [len(k[1]) if k is not None and k[0] == dim else s[dim] for k, s in zip(kept, shapes)]
+        return self.graph.create_node("call_function", torch.split, (self.env[node.args[0]], sizes, dim), {},
+                                      name=node.name)
+
+    def emit_getitem(self, node: fx.Node, data_kept: Kept, index: Any) -> fx.Node:
+        dim, in_idx = data_kept
+        items = list(index) if isinstance(index, tuple) else [index]
+        rank = len(node.args[0].meta[SHAPE])
+        if any(isinstance(i, torch.Tensor) or i is None for i in items):
+            raise ExtractionError(f"cannot rewrite advanced indexing at '{node.name}'")
+        if Ellipsis in items:
+            e = items.index(Ellipsis)
+            items = items[:e] + [slice(None)] * (rank - len(items) + 1) + items[e + 1:]
+        items += [slice(None)] * (rank - len(items))
+        position = items[dim]
+        size = node.args[0].meta[SHAPE][dim]
+        new_index, needs_select = _remap(position, in_idx, size)
+        if needs_select is not None:
+            items[dim] = slice(None)
+            sliced = self.graph.call_function(operator.getitem, (self.env[node.args[0]], tuple(items)))
+            return self.graph.create_node("call_function", torch.index_select,
+                                          (sliced, dim, self.const_buffer(needs_select)), {}, name=node.name)
+        items[dim] = new_index
+        return self.copy_node(node, args=(node.args[0], tuple(items)))
+
+    def emit_index(self, node: fx.Node, data_kept: Kept, dim: int, position: Any) -> fx.Node:
+        size = node.args[0].meta[SHAPE][dim]
+        dim = dim % len(node.args[0].meta[SHAPE])
+        in_idx = data_kept[1] if data_kept is not None and data_kept[0] == dim else torch.arange(size)
+        new_index, select = _remap(position, in_idx, size)
+        if select is None:
+            start, stop = new_index.start, new_index.stop
+            return self.graph.create_node("call_function", torch.narrow,
+                                          (self.env[node.args[0]], dim, start, stop - start), {}, name=node.name)
+        return self.graph.create_node("call_function", torch.index_select,
+                                      (self.env[node.args[0]], dim, self.const_buffer(select)), {}, name=node.name)
+
+
+def _remap(position: Any, in_idx: torch.Tensor, size: int) -> tuple[Any, torch.Tensor | None]:
+    """Map an index along a shrunk dim into the extracted tensor: (slice or int, None) or (None, index tensor)."""
+    new_of_old = torch.full((size,), -1, dtype=torch.int64)
+    new_of_old[in_idx] = torch.arange(len(in_idx))
+    if isinstance(position, int):
+        new = int(new_of_old[position % size])
+        if new < 0:
+            raise ExtractionError("an integer index selects a dropped channel")
+        return new, None
+    if isinstance(position, slice) and position.step in (None, 1):
+        start, stop, _ = position.indices(size)
+        kept_before = lambda p: int((in_idx < p).sum())  # noqa: E731
+        return slice(kept_before(start), kept_before(max(stop, start))), None
+    old = torch.arange(size)[position] if isinstance(position, slice) else torch.as_tensor(position)
+    new = new_of_old[old]
+    return None, new[new >= 0].clone()
+
+
+def _any_kept(kept: Any) -> bool:
+    if isinstance(kept, tuple) and kept and not isinstance(kept[0], int):
+        return any(k is not None for k in kept)
+    return kept is not None
+
+
+def _fetch_attr(gm: nn.Module, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _plain_copy(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m)
+
+
+def _slice_conv(m: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+    g = m.groups
+    in_pg, out_pg = m.in_channels // g, m.out_channels // g
+    if g == 1:
+        weight, new_groups = m.weight[out_idx][:, in_idx], 1
+    else:
+        kept_groups = (out_idx // out_pg).unique()
+        positions = None
+        for k in kept_groups.tolist():
+            local = in_idx[(in_idx >= k * in_pg) & (in_idx < (k + 1) * in_pg)] - k * in_pg
+            if positions is not None and not torch.equal(local, positions):
+                raise ExtractionError("grouped conv keeps different input positions in different groups")
+            positions = local
+        expected_in = (kept_groups[:, None] * in_pg + positions[None, :]).flatten()
+        if not torch.equal(expected_in, in_idx):
+            raise ExtractionError("grouped conv input channels do not match its kept groups")
+        counts = torch.bincount(out_idx // out_pg, minlength=g)[kept_groups]
+        if not bool((counts == counts[0]).all()):
+            raise ExtractionError("grouped conv keeps different output counts per group")
+        weight, new_groups = m.weight[out_idx][:, positions], len(kept_groups)
+    new = copy.deepcopy(m)
+    new.__class__ = _plain_class(m)
+    new.in_channels, new.out_channels, new.groups = len(in_idx), len(out_idx), new_groups
+    new.weight = nn.Parameter(weight.detach().clone())
+    if m.bias is not None:
+        new.bias = nn.Parameter(m.bias.detach()[out_idx].clone())
+    return new
+
+
+def _slice_linear(m: nn.Linear, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Linear:
+    new = copy.deepcopy(m)
+    new.__class__ = _plain_class(m)
+    new.in_features, new.out_features = len(in_idx), len(out_idx)
+    new.weight = nn.Parameter(m.weight.detach()[out_idx][:, in_idx].clone())
+    if m.bias is not None:
+        new.bias = nn.Parameter(m.bias.detach()[out_idx].clone())
+    return new
+
+
+def _slice_channelwise(m: nn.Module, idx: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(m)
+    new.__class__ = _plain_class(m)
+    for name, p in list(m.named_parameters(recurse=False)):
+        if p.dim() >= 1 and p.shape[0] > 1:
+            setattr(new, name, nn.Parameter(p.detach()[idx].clone(), p.requires_grad))
+    for name, b in list(m.named_buffers(recurse=False)):
+        if b is not None and b.dim() >= 1 and b.shape[0] > 1:
+            setattr(new, name, b[idx].clone())
+    if hasattr(new, "num_features"):
+        new.num_features = len(idx)
+    if isinstance(m, nn.GroupNorm):
+        per = m.num_channels // m.num_groups
+        new.num_channels, new.num_groups = len(idx), len(idx) // per
+    if isinstance(m, nn.PReLU):
+        new.num_parameters = len(idx)
+    for attr in ("statistics", "_original", "active_statistics"):
+        new.__dict__.pop(attr, None)
+    return new
+
+
+def _plain_class(m: nn.Module) -> type:
+    """The torch.nn class behind a Slim* layer (extracted networks carry no dyncompile types)."""
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("torch.nn"):
+            return cls
+    return type(m)
+
+
+def extract_subnet(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule | None = None) -> fx.GraphModule:
+    """The sub-net `config` as a plain, physically smaller GraphModule (eval mode, original dtype).
+
+    `weights`: a copy of `dg.gm` with other weights (e.g. randomised statistics); default `dg.gm`.
+    """
+    gm = _Extractor(dg, keep_mask(dg, config), weights).run()
+    return gm.train(dg.gm.training)

@@ -1,0 +1,104 @@
+"""Pass `rewrite`: the slimmable model — original graph, slimmable layers, and channel-group masks.
+
+`insert_channel_masks` puts a `ChannelMask` after every node whose output carries droppable channels, so a
+dropped channel is zero wherever it appears: this masked graph is the *reference semantics* of a sub-net
+(verify compares extracted sub-nets against it). `to_slimmable_layers` swaps convs/linears/BNs for their
+`Slim*` subclasses (same computation, plus channel-group metadata and switchable BN statistics).
+`set_subnet` switches every mask of a converted model to a sub-net configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dyncompile.ir import FIXED, LABELS, DynGraph, SubnetConfig, keep_mask
+from dyncompile.layers import SLIM_LAYER_FOR, ChannelMask
+
+__all__ = ["insert_channel_masks", "to_slimmable_layers", "set_subnet", "convert_to_slimmable"]
+
+MASK_PREFIX = "dyncompile_mask"
+
+
+def _droppable(dg: DynGraph) -> torch.Tensor:
+    droppable = torch.zeros(dg.num_classes, dtype=torch.bool)
+    for s in dg.free_sets:
+        for g in s.groups:
+            droppable[g] = True
+    droppable[FIXED] = False
+    return droppable
+
+
+def insert_channel_masks(dg: DynGraph, gm: fx.GraphModule | None = None) -> fx.GraphModule:
+    """A copy of `gm` (default: the traced model) with a ChannelMask after every droppable-channel node."""
+    gm = copy.deepcopy(gm if gm is not None else dg.gm)
+    droppable = _droppable(dg)
+    for node in list(gm.graph.nodes):
+        labels = node.meta.get(LABELS)
+        if not isinstance(labels, torch.Tensor) or not bool(droppable[labels].any()):
+            continue
+        name = f"{MASK_PREFIX}_{node.name}"
+        gm.add_submodule(name, ChannelMask(labels))
+        with gm.graph.inserting_after(node):
+            masked = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(masked, delete_user_cb=lambda user: user is not masked)
+        masked.meta[LABELS] = labels
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def to_slimmable_layers(dg: DynGraph, gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace convs/linears/BNs of `gm` (in place) by Slim* layers with the same weights."""
+    set_of_producer = {p: s for s in dg.sets for p in s.producers}
+    for name, module in list(gm.named_modules()):
+        slim_cls = SLIM_LAYER_FOR.get(type(module))
+        if slim_cls is None:
+            continue
+        slim = _clone_as(module, slim_cls)
+        if hasattr(slim, "out_group") and name in set_of_producer:
+            _record_groups(dg, slim, name, set_of_producer[name])
+        gm.set_submodule(name, slim) if hasattr(gm, "set_submodule") else _set_submodule(gm, name, slim)
+    gm.recompile()
+    return gm
+
+
+def _clone_as(module: nn.Module, cls: type) -> nn.Module:
+    slim = copy.deepcopy(module)
+    slim.__class__ = cls
+    if hasattr(cls, "init_groups"):
+        slim.init_groups(getattr(module, "out_channels", None) or module.out_features)
+    if hasattr(cls, "init_statistics"):
+        slim.init_statistics()
+    return slim
+
+
+def _record_groups(dg: DynGraph, layer: nn.Module, name: str, channel_set) -> None:
+    node = next(n for n in dg.gm.graph.nodes if n.op == "call_module" and n.target == name)
+    labels = node.meta[LABELS]
+    dim = labels.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    vec = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)[:, 0].expand(layer.out_group.numel())
+    group_of_class = {c: i for i, g in enumerate(channel_set.groups) for c in g}
+    layer.channel_set = channel_set.name
+    layer.out_group.copy_(torch.tensor([group_of_class.get(int(c), -1) for c in vec]))
+
+
+def _set_submodule(gm: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent_name, _, attr = qualname.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
+
+
+def convert_to_slimmable(dg: DynGraph) -> fx.GraphModule:
+    """The converted model: masks + slimmable layers; at full width it computes exactly the original."""
+    return to_slimmable_layers(dg, insert_channel_masks(dg))
+
+
+def set_subnet(model: fx.GraphModule, dg: DynGraph, config: SubnetConfig | None) -> None:
+    """Point every mask of a masked/converted model at `config` (None = full width)."""
+    keep = torch.ones(dg.num_classes, dtype=torch.bool) if config is None else keep_mask(dg, config)
+    for module in model.modules():
+        if isinstance(module, ChannelMask):
+            module.set_keep(keep)

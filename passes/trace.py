@@ -1,0 +1,117 @@
+"""Pass `trace`: model → torch.fx GraphModule, trying harder ways before giving up.
+
+1. `symbolic`: plain torch.fx symbolic tracing (user leaf modules stay opaque).
+2. `concrete-iteration`: the same, but where Python iterates over a proxy (``for t in torch.split(x, s)``)
+   the tracer runs the graph recorded so far on the example input to learn how many items there are.
+   That count is a property of the model's structure (split sizes), not of the batch, so baking it is safe.
+
+If both fail, the error names the user's Python line and the module to pass to ``--leaf``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from dyncompile.errors import TraceError
+from dyncompile.ir import DynGraph
+
+__all__ = ["trace"]
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_OWN_DIR = str(Path(__file__).resolve().parent.parent)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer with user leaf modules and a record of which module is being traced (for errors)."""
+
+    def __init__(self, leaf_modules: tuple[str, ...], example_input: torch.Tensor | None):
+        super().__init__()
+        self.leaf_modules = set(leaf_modules)
+        self.example_input = example_input
+        self.dyncompile_modules: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaf_modules or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self.dyncompile_modules.append(qualname)
+        result = super().call_module(m, forward, args, kwargs)
+        self.dyncompile_modules.pop()
+        return result
+
+    def iter(self, obj: fx.Proxy):
+        if self.example_input is None:
+            return super().iter(obj)
+        value = _evaluate_partial(self.root, self.graph, obj.node, self.example_input)
+        if not isinstance(value, (tuple, list)):
+            # Iterating a tensor walks its batch dimension: that depends on the input, not the model.
+            return super().iter(obj)
+        return iter([obj[i] for i in range(len(value))])
+
+
+def _evaluate_partial(root: nn.Module, graph: fx.Graph, node: fx.Node, example_input: torch.Tensor):
+    partial = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    for n in graph.nodes:
+        value_map[n] = partial.node_copy(n, lambda a: value_map[a])
+        if n is node:
+            break
+    partial.output(value_map[node])
+    with torch.no_grad():
+        return fx.GraphModule(root, partial)(example_input)
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame that is the user's code (not torch's, not ours)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_OWN_DIR)]
+    return user[-1] if user else None
+
+
+def _trace_once(model: nn.Module, leaf_modules, example_input) -> fx.GraphModule:
+    tracer = _Tracer(leaf_modules, example_input)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear line below
+        exc.module_stack = list(tracer.dyncompile_modules)  # type: ignore[attr-defined]
+        raise
+    name = model.__class__.__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: tuple[str, ...] = ()) -> DynGraph:
+    """Trace `model` into a DynGraph; raise TraceError (one line: where, why, what to do) if impossible."""
+    model = model.eval()
+    unknown = [q for q in leaf_modules if q not in dict(model.named_modules())]
+    if unknown:
+        raise TraceError(f"--leaf {unknown[0]!r} is not a submodule of the model (see `print(model)` for names)")
+    example = torch.randn(*input_shape)
+    first_error: BaseException | None = None
+    for mode, example_input in (("symbolic", None), ("concrete-iteration", example)):
+        try:
+            gm = _trace_once(model, leaf_modules, example_input)
+        except Exception as exc:  # noqa: BLE001
+            first_error = first_error or exc
+            continue
+        return DynGraph(gm=gm, input_shape=tuple(input_shape), trace_mode=mode)
+    raise TraceError(_describe_trace_failure(first_error)) from None
+
+
+def _describe_trace_failure(exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    frame = _user_frame(exc)
+    where = f" at {frame.filename}:{frame.lineno}: `{(frame.line or '').strip()}`" if frame else ""
+    stack = getattr(exc, "module_stack", [])
+    module = next((q for q in reversed(stack) if q), None)
+    fix = (
+        f"mark that module opaque with --leaf {module} (it is then kept at full width)"
+        if module
+        else "make the model's forward traceable by torch.fx (no Python control flow on tensor values)"
+    )
+    return f"torch.fx cannot trace the model{where} ({type(exc).__name__}: {reason}); {fix}"
