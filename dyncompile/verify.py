@@ -84,8 +84,8 @@ def verify(dg: DynGraph, widths: list[float], reference: tuple[torch.Tensor, tor
     full_macs = count_macs(dg.gm, (1, *dg.input_shape[1:]))
 
     converted = convert_to_slimmable(dg).eval()
-    ref_in, ref_out = reference if reference is not None else (x32, dg.gm(x32))
     with torch.no_grad():
+        ref_in, ref_out = reference if reference is not None else (x32, dg.gm(x32))
         full_error = float((converted(ref_in) - ref_out).abs().max())
     full_tolerance = FULL_WIDTH_TOLERANCE * _scale(ref_out)
 

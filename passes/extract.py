@@ -153,16 +153,22 @@ class _Extractor:
         return self.copy_node(node)
 
     def emit_resize(self, node: fx.Node) -> fx.Node:
+        """view/reshape/expand: every non-batch size becomes the constant the sub-net needs.
+
+        Dynamic sizes computed from channel counts (`c // groups`) would be wrong once `c` shrinks, so only
+        the batch size (dim 0) and -1 stay symbolic: sub-nets are specialised to the traced resolution.
+        """
         kept = self.kept[node]
         if kept is None:
             return self.copy_node(node)
         dim, idx = kept
+        new_shape = list(node.meta[SHAPE])
+        new_shape[dim] = len(idx)
         sizes_in_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
         sizes = list(node.args[1] if sizes_in_tuple else node.args[1:])
-        if len(sizes) != len(node.meta[SHAPE]):
+        if len(sizes) != len(new_shape):
             raise ExtractionError(f"cannot rewrite the sizes of '{node.name}' ({sizes})")
-        if isinstance(sizes[dim], int) and sizes[dim] != -1:
-            sizes[dim] = len(idx)
+        sizes = [s if d == 0 or (isinstance(s, int) and s == -1) else new_shape[d] for d, s in enumerate(sizes)]
         new_args = (node.args[0], tuple(sizes)) if sizes_in_tuple else (node.args[0], *sizes)
         return self.copy_node(node, args=new_args)
 

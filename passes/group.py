@@ -1,10 +1,10 @@
 """Pass `group`: order each free channel set and split it into G channel groups (the unit a sub-net keeps).
 
 Order matters because sub-nets keep a *prefix* of groups. A set is often consumed in pieces (ShuffleNet's
-chunk, slice+concat, constant splits): ordering by the first producer's channel index would hand the whole
-prefix to one piece and starve another. So each class is ranked by its relative position inside the
-consumer inputs it feeds (min over consumers), ties broken by the canonical order: every consumer then
-keeps a share of its channels proportional to the width. A set with fewer classes than G gets one group
+chunk, slice+concat, constant splits, half-IN/half-BN): ordering by the first producer's channel index
+would hand the whole prefix to one piece and starve another. So each class is ranked by its relative
+position inside every tensor it appears in (the minimum), ties broken by the canonical order: every piece
+then keeps a share of its channels proportional to the width. A set with fewer classes than G gets one group
 per class; a single class cannot be slimmed (reported as not free).
 """
 
@@ -40,9 +40,22 @@ def consumer_inputs(dg: DynGraph) -> dict[str, torch.Tensor]:
     return result
 
 
-def _rank_classes(dg: DynGraph, inputs: dict[str, torch.Tensor]) -> dict[int, float]:
+def _channel_vectors(dg: DynGraph) -> list[torch.Tensor]:
+    """The class ids along the varying dim of every tensor in the graph (its 'channels')."""
+    vectors = []
+    for node in dg.gm.graph.nodes:
+        labels = node.meta.get(LABELS)
+        for t in labels if isinstance(labels, tuple) else (labels,):
+            if isinstance(t, torch.Tensor):
+                dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+                if len(dims) == 1:
+                    vectors.append(t.movedim(dims[0], 0).reshape(-1))
+    return vectors
+
+
+def _rank_classes(vectors: list[torch.Tensor]) -> dict[int, float]:
     rank: dict[int, float] = {}
-    for vec in inputs.values():
+    for vec in vectors:
         for position, c in enumerate(vec.tolist()):
             r = position / len(vec)
             if r < rank.get(c, 2.0):
@@ -58,8 +71,8 @@ def group(dg: DynGraph, num_groups: int = 8) -> DynGraph:
     if dg.sets and num_groups > widest:
         raise ConfigError(f"--groups {num_groups} exceeds the widest layer's {widest} channels; use at most {widest}")
     dg.num_groups = num_groups
-    inputs = consumer_inputs(dg)
-    rank = _rank_classes(dg, inputs)
+    vectors = _channel_vectors(dg)
+    rank = _rank_classes(vectors)
     first = _first_producer_classes(dg)
     for s in dg.sets:
         # unused classes (rank 2.0: computed but read by no layer) go last, so they are dropped first
@@ -67,20 +80,20 @@ def group(dg: DynGraph, num_groups: int = 8) -> DynGraph:
         parts = np.array_split(np.asarray(s.classes, dtype=np.int64), min(num_groups, max(len(s.classes), 1)))
         s.groups = [p.tolist() for p in parts if len(p)]
         s.group_channels = [int(np.isin(first[s.name], g).sum()) for g in s.groups]
-    _check_no_consumer_starves(dg, inputs)
+    _check_no_tensor_starves(dg, vectors)
     return dg
 
 
-def _check_no_consumer_starves(dg: DynGraph, inputs: dict[str, torch.Tensor]) -> None:
-    """At the narrowest sub-net (one group per set) every conv/linear must keep at least one input channel."""
-    dropped = set()
+def _check_no_tensor_starves(dg: DynGraph, vectors: list[torch.Tensor]) -> None:
+    """At the narrowest sub-net (one group per set) no tensor may lose every channel."""
+    dropped = torch.zeros(dg.num_classes, dtype=torch.bool)
     for s in dg.free_sets:
         for g in s.groups[1:]:
-            dropped.update(g)
-    for name, vec in inputs.items():
-        if all(int(c) in dropped for c in vec.tolist()):
-            raise ConfigError(f"with --groups {dg.num_groups} layer '{name}' would lose every input channel at the "
-                              f"narrowest sub-net; use fewer groups")
+            dropped[g] = True
+    for vec in vectors:
+        if bool(dropped[vec].all()):
+            raise ConfigError(f"with --groups {dg.num_groups} some tensor would lose every channel at the narrowest "
+                              f"sub-net; use fewer groups")
 
 
 def _first_producer_classes(dg: DynGraph) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as fx_tracing
 from torch import nn
 
 from dyncompile.errors import TraceError
@@ -63,8 +64,13 @@ def _evaluate_partial(root: nn.Module, graph: fx.Graph, node: fx.Node, example_i
         if n is node:
             break
     partial.output(value_map[node])
-    with torch.no_grad():
-        return fx.GraphModule(root, partial)(example_input)
+    # The tracer has patched nn.Module.__call__ (and friends) globally: undo that while we run for real.
+    tracing, fx_tracing._is_fx_tracing_flag = fx_tracing._is_fx_tracing_flag, False
+    try:
+        with fx_tracing._maybe_revert_all_patches(), torch.no_grad():
+            return fx.GraphModule(root, partial)(example_input)
+    finally:
+        fx_tracing._is_fx_tracing_flag = tracing
 
 
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:

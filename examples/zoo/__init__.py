@@ -1,0 +1,191 @@
+"""In-repo model zoo: plain ``torch.nn`` CNNs, one module per architecture family, used to exercise the
+converter on the channel-coupling patterns real networks contain.
+
+The models know nothing about dyncompile. Each entry of `ZOO` names a factory as ``"module:function"``
+(importable as ``examples.zoo.<module>:<function>``), the input shape it expects at batch 1, and the
+coupling features it exercises (tags from `FEATURES`). Model modules are imported only by `build`.
+
+CIFAR variants (input 1x3x32x32) classify 10 classes; ImageNet variants (1x3x224x224, real ImageNet
+stems, tiny widths) classify 1000. `ZooEntry.num_classes` says which.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["FEATURES", "ZOO", "ZooEntry", "build"]
+
+FEATURES: dict[str, str] = {
+    # channel coupling
+    "residual": "elementwise add of two branches (identity or projected shortcut)",
+    "projection": "1x1 conv shortcut where the width or stride changes",
+    "preact": "pre-activation blocks (BN -> ReLU -> conv); nothing after the residual add",
+    "concat": "torch.cat along channels: producers at fixed channel offsets",
+    "dense_concat": "DenseNet-style growing concatenation of all earlier features",
+    "grouped": "grouped conv with 1 < groups < channels",
+    "depthwise": "depthwise conv (groups == channels)",
+    "se": "squeeze-excitation gate: pooled 1x1 convs produce a per-channel multiplier",
+    "chunk": "Tensor.chunk along channels",
+    "split": "torch.split along channels",
+    "const_split": "split sizes written as int constants in code",
+    "dynamic_split": "split sizes computed from x.size(1) at run time",
+    "shuffle": "channel shuffle (view/reshape -> transpose/permute -> view/reshape)",
+    "const_view": "view/reshape with channel sizes written as literal numbers",
+    "slice": "channel slicing x[:, a:b]",
+    "index_select": "torch.index_select on channels with a constant index buffer",
+    "layer_scale": "per-channel nn.Parameter multiplied onto a feature map",
+    "instance_norm": "InstanceNorm2d on part of the channels",
+    "flatten_linear": "flatten of a spatial map (> 1x1) into a linear layer",
+    "mlp_classifier": "more than one linear layer in the classifier",
+    "conv_classifier": "1x1 conv to the classes, then pooling (no linear)",
+    "dropout": "dropout (identity in eval mode)",
+    "python_loop": "Python iteration over a tensor-valued proxy (defeats torch.fx symbolic tracing)",
+    # activations
+    "relu": "ReLU",
+    "relu6": "ReLU6",
+    "leaky_relu": "LeakyReLU",
+    "hardswish": "Hardswish",
+    "silu": "SiLU / swish",
+    "gelu": "GELU",
+    "sigmoid_gate": "sigmoid used as a multiplicative gate",
+    "hardsigmoid_gate": "hard sigmoid used as a multiplicative gate",
+    # pooling
+    "maxpool": "max pooling",
+    "avgpool": "fixed-size average pooling inside the network",
+    "adaptive_pool": "adaptive (global) pooling",
+    "mean_pool": "global pooling written as x.mean over H, W",
+}
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    factory: str  # "examples.zoo.resnet:resnet20_cifar"
+    input_shape: tuple[int, ...]  # at batch 1, e.g. (1, 3, 32, 32)
+    features: tuple[str, ...]  # tags from FEATURES, e.g. ("residual", "projection")
+    needs_fallback: bool = False  # torch.fx.symbolic_trace fails on purpose
+
+    @property
+    def num_classes(self) -> int:
+        """10 for CIFAR-sized inputs, 1000 for ImageNet-sized ones."""
+        return 10 if self.input_shape[-1] <= 64 else 1000
+
+
+CIFAR = (1, 3, 32, 32)
+IMAGENET = (1, 3, 224, 224)
+
+
+def _entry(name: str, factory: str, input_shape, features: str, needs_fallback: bool = False) -> ZooEntry:
+    return ZooEntry(name, f"examples.zoo.{factory}", tuple(input_shape), tuple(features.split()), needs_fallback)
+
+
+_ENTRIES = [
+    # VGG
+    _entry("vgg11-bn-cifar", "vgg:vgg11_bn_cifar", CIFAR,
+           "flatten_linear mlp_classifier dropout maxpool relu"),
+    _entry("vgg11-imagenet", "vgg:vgg11_tiny_imagenet", IMAGENET,
+           "flatten_linear mlp_classifier dropout maxpool adaptive_pool relu"),
+    # ResNet
+    _entry("resnet20-cifar", "resnet:resnet20_cifar", CIFAR, "residual projection adaptive_pool relu"),
+    _entry("resnet29-bottleneck-cifar", "resnet:resnet29_bottleneck_cifar", CIFAR,
+           "residual projection adaptive_pool relu"),
+    _entry("resnet18-imagenet", "resnet:resnet18_tiny_imagenet", IMAGENET,
+           "residual projection maxpool adaptive_pool relu"),
+    _entry("resnet26-bottleneck-imagenet", "resnet:resnet26_bottleneck_tiny_imagenet", IMAGENET,
+           "residual projection maxpool adaptive_pool relu"),
+    _entry("preact-resnet14-cifar", "preact_resnet:preact_resnet14_cifar", CIFAR,
+           "residual projection preact adaptive_pool relu"),
+    _entry("preact-resnet18-imagenet", "preact_resnet:preact_resnet18_tiny_imagenet", IMAGENET,
+           "residual projection preact maxpool adaptive_pool relu"),
+    _entry("wrn16-2-cifar", "wide_resnet:wrn16_2_cifar", CIFAR,
+           "residual projection preact dropout avgpool relu"),
+    _entry("wide-resnet-imagenet", "wide_resnet:wide_resnet_tiny_imagenet", IMAGENET,
+           "residual projection maxpool adaptive_pool relu"),
+    _entry("resnext20-8x4d-cifar", "resnext:resnext20_8x4d_cifar", CIFAR,
+           "residual projection grouped adaptive_pool relu"),
+    _entry("resnext14-8x2d-imagenet", "resnext:resnext14_8x2d_tiny_imagenet", IMAGENET,
+           "residual projection grouped maxpool adaptive_pool relu"),
+    # DenseNet
+    _entry("densenet-bc-k12-cifar", "densenet:densenet_bc_k12_cifar", CIFAR,
+           "concat dense_concat avgpool adaptive_pool relu"),
+    _entry("densenet-imagenet", "densenet:densenet_tiny_imagenet", IMAGENET,
+           "concat dense_concat maxpool avgpool adaptive_pool relu"),
+    # MobileNets / EfficientNet
+    _entry("mobilenetv1-cifar", "mobilenet_v1:mobilenet_v1_cifar", CIFAR, "depthwise avgpool relu"),
+    _entry("mobilenetv1-imagenet", "mobilenet_v1:mobilenet_v1_tiny_imagenet", IMAGENET,
+           "depthwise dropout adaptive_pool relu"),
+    _entry("mobilenetv2-cifar", "mobilenet_v2:mobilenet_v2_cifar", CIFAR,
+           "residual depthwise dropout adaptive_pool relu6"),
+    _entry("mobilenetv2-imagenet", "mobilenet_v2:mobilenet_v2_tiny_imagenet", IMAGENET,
+           "residual depthwise dropout adaptive_pool relu6"),
+    _entry("mobilenetv3-small-cifar", "mobilenet_v3:mobilenet_v3_small_cifar", CIFAR,
+           "residual depthwise se hardsigmoid_gate hardswish relu mlp_classifier dropout adaptive_pool"),
+    _entry("mobilenetv3-small-imagenet", "mobilenet_v3:mobilenet_v3_small_tiny_imagenet", IMAGENET,
+           "residual depthwise se hardsigmoid_gate hardswish relu mlp_classifier dropout adaptive_pool"),
+    _entry("efficientnet-b0-cifar", "efficientnet:efficientnet_b0_cifar", CIFAR,
+           "residual depthwise se sigmoid_gate silu dropout adaptive_pool"),
+    _entry("efficientnet-b0-imagenet", "efficientnet:efficientnet_b0_tiny_imagenet", IMAGENET,
+           "residual depthwise se sigmoid_gate silu dropout adaptive_pool"),
+    # ShuffleNets, GhostNet, SqueezeNet
+    _entry("shufflenetv2-cifar", "shufflenet_v2:shufflenet_v2_cifar", CIFAR,
+           "chunk concat shuffle depthwise mean_pool relu"),
+    _entry("shufflenetv2-imagenet", "shufflenet_v2:shufflenet_v2_tiny_imagenet", IMAGENET,
+           "chunk concat shuffle depthwise maxpool mean_pool relu"),
+    _entry("shufflenetv1-g2-cifar", "shufflenet_v1:shufflenet_v1_g2_cifar", CIFAR,
+           "grouped shuffle depthwise residual concat avgpool adaptive_pool relu"),
+    _entry("shufflenetv1-g3-cifar", "shufflenet_v1:shufflenet_v1_g3_cifar", CIFAR,
+           "grouped shuffle depthwise residual concat avgpool adaptive_pool relu"),
+    _entry("shufflenetv1-g8-cifar", "shufflenet_v1:shufflenet_v1_g8_cifar", CIFAR,
+           "grouped shuffle depthwise residual concat avgpool adaptive_pool relu"),
+    _entry("shufflenetv1-g3-imagenet", "shufflenet_v1:shufflenet_v1_tiny_imagenet", IMAGENET,
+           "grouped shuffle depthwise residual concat maxpool avgpool adaptive_pool relu"),
+    _entry("ghostnet-cifar", "ghostnet:ghostnet_cifar", CIFAR,
+           "concat slice depthwise residual projection se hardsigmoid_gate dropout adaptive_pool relu"),
+    _entry("ghostnet-imagenet", "ghostnet:ghostnet_tiny_imagenet", IMAGENET,
+           "concat slice depthwise residual projection se hardsigmoid_gate dropout adaptive_pool relu"),
+    _entry("squeezenet1_1-cifar", "squeezenet:squeezenet1_1_cifar", CIFAR,
+           "concat conv_classifier dropout maxpool adaptive_pool relu"),
+    _entry("squeezenet1_1-imagenet", "squeezenet:squeezenet1_1_imagenet", IMAGENET,
+           "concat conv_classifier dropout maxpool adaptive_pool relu"),
+    # RegNet, DarkNet
+    _entry("regnetx-cifar", "regnet:regnetx_cifar", CIFAR, "residual projection grouped adaptive_pool relu"),
+    _entry("regnety-imagenet", "regnet:regnety_tiny_imagenet", IMAGENET,
+           "residual projection grouped se sigmoid_gate adaptive_pool relu"),
+    _entry("darknet-cifar", "darknet:darknet_cifar", CIFAR, "residual leaky_relu adaptive_pool"),
+    _entry("cspdarknet-cifar", "darknet:cspdarknet_cifar", CIFAR,
+           "residual split const_split concat leaky_relu adaptive_pool"),
+    _entry("cspdarknet-imagenet", "darknet:cspdarknet_tiny_imagenet", IMAGENET,
+           "residual split const_split concat leaky_relu adaptive_pool"),
+    # special constructs
+    _entry("ibn-const-split-cifar", "ibn:ibn_const_split_cifar", CIFAR,
+           "split const_split concat instance_norm residual projection adaptive_pool relu"),
+    _entry("ibn-dynamic-split-cifar", "ibn:ibn_dynamic_split_cifar", CIFAR,
+           "split dynamic_split concat instance_norm residual projection adaptive_pool relu"),
+    _entry("ibn-half-split-cifar", "ibn:ibn_half_split_cifar", CIFAR,
+           "split const_split concat instance_norm residual projection adaptive_pool relu"),
+    _entry("mixnet-loop-cifar", "mixnet:mixnet_loop_cifar", CIFAR,
+           "split const_split concat depthwise python_loop residual silu relu maxpool adaptive_pool",
+           needs_fallback=True),
+    _entry("mixnet-indexed-cifar", "mixnet:mixnet_indexed_cifar", CIFAR,
+           "split const_split concat depthwise residual silu relu maxpool adaptive_pool"),
+    _entry("dpn-cifar", "dual_path:dpn_tiny_cifar", CIFAR,
+           "slice concat residual projection grouped flatten_linear maxpool avgpool relu"),
+    _entry("channel-permute-cifar", "channel_permute:channel_permute_cifar", CIFAR,
+           "index_select residual flatten_linear maxpool relu"),
+    _entry("const-shuffle-cifar", "const_shuffle:const_shuffle_cifar", CIFAR,
+           "shuffle const_view grouped depthwise residual dropout avgpool adaptive_pool relu"),
+    _entry("layer-scale-cifar", "layer_scale:layer_scale_cifar", CIFAR,
+           "layer_scale depthwise residual gelu mean_pool"),
+]
+
+ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+assert len(ZOO) == len(_ENTRIES), "duplicate zoo names"
+
+
+def build(name: str) -> nn.Module:
+    """Import the factory of ``ZOO[name]`` and call it (fresh, randomly initialised, in training mode)."""
+    module_name, _, function_name = ZOO[name].factory.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)()
