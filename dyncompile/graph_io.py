@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -40,7 +41,7 @@ import os
 import re
 import tempfile
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -794,11 +795,14 @@ def _paths(directory: str | Path, name: str) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- API
 
 
-def save_graph_module(gm: fx.GraphModule, directory: str | Path, *, name: str = "graph") -> None:
+def save_graph_module(gm: fx.GraphModule, directory: str | Path, *, name: str = "graph",
+                      external: Collection[str] = ()) -> None:
     """Write ``<name>.json`` and ``<name>.tensors.pt`` into ``directory`` (each atomically).
 
     Raises WorkspaceError, naming the node or module, for anything that could not be
-    loaded back without running code from the workspace.
+    loaded back without running code from the workspace. ``external``: qualnames of
+    called modules (e.g. user leaf modules) recorded by class name only; their tensors
+    are stored, but the caller must supply the module objects again at load time.
     """
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"save_graph_module expects a torch.fx.GraphModule, got {type(gm).__name__}")
@@ -806,8 +810,13 @@ def save_graph_module(gm: fx.GraphModule, directory: str | Path, *, name: str = 
     nodes = _encode_graph(gm.graph)
     modules = {}
     for node in gm.graph.find_nodes(op="call_module"):
-        if node.target not in modules:
-            modules[node.target] = _module_spec(node.target, gm.get_submodule(node.target))
+        if node.target in modules:
+            continue
+        module = gm.get_submodule(node.target)
+        if node.target in external:
+            modules[node.target] = {"class": _class_path(type(module)), "external": True}
+        else:
+            modules[node.target] = _module_spec(node.target, module)
     records, tensors = _collect_tensors(gm)
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -856,12 +865,17 @@ def _read_tensors(tensors_path: Path, info: dict[str, Any]) -> Any:
         raise WorkspaceError(f"tensors file '{tensors_path}' cannot be loaded safely: {_one_line(e)}") from None
 
 
-def load_graph_module(directory: str | Path, *, name: str = "graph") -> fx.GraphModule:
-    """Rebuild the GraphModule written by :func:`save_graph_module`; never unpickles code."""
+def load_graph_module(directory: str | Path, *, name: str = "graph",
+                      external: Mapping[str, nn.Module] | None = None) -> fx.GraphModule:
+    """Rebuild the GraphModule written by :func:`save_graph_module`; never unpickles code.
+
+    ``external`` supplies the modules saved as external (by qualname); their stored
+    tensors are put into (a copy of) them.
+    """
     json_path, tensors_path = _paths(directory, name)
     doc = _read_json(json_path)
     try:
-        return _rebuild(doc, tensors_path)
+        return _rebuild(doc, tensors_path, external or {})
     except WorkspaceError as e:
         if str(json_path) in str(e) or str(tensors_path) in str(e):
             raise
@@ -872,7 +886,7 @@ def load_graph_module(directory: str | Path, *, name: str = "graph") -> fx.Graph
         ) from None
 
 
-def _rebuild(doc: dict[str, Any], tensors_path: Path) -> fx.GraphModule:
+def _rebuild(doc: dict[str, Any], tensors_path: Path, external: Mapping[str, nn.Module]) -> fx.GraphModule:
     if doc["tensors_file"]["name"] != tensors_path.name:
         raise WorkspaceError("it refers to a different tensors file")
     records = {_qualname(q): r for q, r in doc["tensors"].items()}
@@ -884,7 +898,13 @@ def _rebuild(doc: dict[str, Any], tensors_path: Path) -> fx.GraphModule:
 
     root: dict[str, Any] = {}
     for qualname, spec in modules.items():
-        module = _build_module(qualname, spec)
+        if spec.get("external"):
+            if qualname not in external:
+                raise WorkspaceError(f"module '{qualname}' ({spec['class']}) is the model's own code and must be "
+                                     "supplied when loading")
+            module = copy.deepcopy(external[qualname])
+        else:
+            module = _build_module(qualname, spec)
         _fill_module(qualname, module, records, objects)
         root[qualname] = module
     for node in graph.find_nodes(op="get_attr"):

@@ -77,6 +77,7 @@ class DynGraph:
     fixed_reasons: list[str] = field(default_factory=list)  # why channels were kept at full width
     num_groups: int = 0
     trace_mode: str = "symbolic"
+    leaf_modules: tuple[str, ...] = ()  # submodules kept opaque (--leaf): not traced, kept at full width
 
     def set_by_name(self, name: str) -> ChannelSet:
         for s in self.sets:

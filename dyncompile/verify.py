@@ -16,13 +16,13 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from dyncompile.ir import DynGraph, uniform_config
 from dyncompile.layers import ChannelMask
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_subnet
+from dyncompile.passes.trace import retrace
 from dyncompile.passes.rewrite import convert_to_slimmable, insert_channel_masks, set_subnet
 
 __all__ = ["WidthReport", "verify", "randomise_norm_statistics"]
@@ -101,7 +101,7 @@ def verify(dg: DynGraph, widths: list[float], reference: tuple[torch.Tensor, tor
         with torch.no_grad():
             expected = masked(x64)
             got = subnet(x64)
-            retraced = fx.symbolic_trace(subnet)(x64)
+            retraced = retrace(subnet, dg.leaf_modules)(x64)
         error = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
         tolerance = EXTRACT_TOLERANCE * _scale(expected)
         if not error <= tolerance:

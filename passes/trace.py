@@ -21,7 +21,7 @@ from torch import nn
 from dyncompile.errors import TraceError
 from dyncompile.ir import DynGraph
 
-__all__ = ["trace"]
+__all__ = ["trace", "retrace"]
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _OWN_DIR = str(Path(__file__).resolve().parent.parent)
@@ -54,6 +54,12 @@ class _Tracer(fx.Tracer):
             # Iterating a tensor walks its batch dimension: that depends on the input, not the model.
             return super().iter(obj)
         return iter([obj[i] for i in range(len(value))])
+
+
+def retrace(module: nn.Module, leaf_modules: tuple[str, ...] = ()) -> fx.GraphModule:
+    """Trace an (extracted) module again with the same leaf modules: the check that it stays fx-traceable."""
+    tracer = _Tracer(leaf_modules, None)
+    return fx.GraphModule(module, tracer.trace(module))
 
 
 def _evaluate_partial(root: nn.Module, graph: fx.Graph, node: fx.Node, example_input: torch.Tensor):
@@ -105,7 +111,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: tuple[st
         except Exception as exc:  # noqa: BLE001
             first_error = first_error or exc
             continue
-        return DynGraph(gm=gm, input_shape=tuple(input_shape), trace_mode=mode)
+        return DynGraph(gm=gm, input_shape=tuple(input_shape), trace_mode=mode, leaf_modules=tuple(leaf_modules))
     raise TraceError(_describe_trace_failure(first_error)) from None
 
 

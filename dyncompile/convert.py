@@ -1,0 +1,87 @@
+"""`dyncompile convert` as a library function: load → analyse → check full width → save the workspace."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dyncompile.errors import DyncompileError
+from dyncompile.ir import DynGraph
+from dyncompile.loading import ModelSource, guess_input_shape, load_model
+from dyncompile.measure import count_macs, count_params
+from dyncompile.passes.couple import couple
+from dyncompile.passes.group import group
+from dyncompile.passes.rewrite import convert_to_slimmable
+from dyncompile.passes.trace import trace
+from dyncompile.verify import FULL_WIDTH_TOLERANCE
+from dyncompile.workspace import save_workspace
+
+__all__ = ["ConvertResult", "convert"]
+
+REFERENCE_SEED = 1234
+
+
+@dataclass
+class ConvertResult:
+    workspace: Path
+    source: ModelSource
+    dg: DynGraph
+    macs: int
+    params: int
+    full_width_error: float
+    notes: list[str]
+
+    def to_json(self) -> dict:
+        return {
+            "workspace": str(self.workspace),
+            "model": self.source.to_json(),
+            "input_shape": list(self.dg.input_shape),
+            "groups": self.dg.num_groups,
+            "trace_mode": self.dg.trace_mode,
+            "macs": self.macs,
+            "params": self.params,
+            "full_width_error": self.full_width_error,
+            "sets": [s.to_json() for s in self.dg.sets],
+            "free_sets": len(self.dg.free_sets),
+            "fixed_reasons": self.dg.fixed_reasons,
+            "notes": self.notes,
+        }
+
+
+def convert(model: str, *, workspace: str | Path, groups: int = 8, input_shape: tuple[int, ...] | None = None,
+            leaf_modules: tuple[str, ...] = (), arch: str | None = None, trust_pickle: bool = False,
+            grouped_conv_mode: str = "auto", step: Callable[[str], None] = lambda _: None) -> ConvertResult:
+    """Convert `model` (factory spec or .pt) into a slimmable model stored in `workspace`."""
+    step("loading the model")
+    module, source = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    shape, note = guess_input_shape(module, input_shape)
+    notes = [note] if note else []
+    step("tracing")
+    dg = trace(module, shape, leaf_modules)
+    step("analysing channel couplings")
+    couple(dg, grouped_conv_mode)
+    step("grouping channels")
+    group(dg, groups)
+    step("checking full width against the original")
+    generator = torch.Generator().manual_seed(REFERENCE_SEED)
+    x = torch.randn(2, *shape[1:], generator=generator)
+    with torch.no_grad():
+        expected = module(x)
+        got = convert_to_slimmable(dg).eval()(x)
+    error = float((got - expected).abs().max())
+    tolerance = FULL_WIDTH_TOLERANCE * max(float(expected.abs().max()), 1e-12)
+    if not error <= tolerance:
+        raise DyncompileError(f"the converted model differs from the original at full width by {error:.3g} "
+                              f"(> {tolerance:.3g}): please report this model")
+    macs, params = count_macs(dg.gm, shape), count_params(dg.gm)
+    step("writing the workspace")
+    path = save_workspace(workspace, dg, source, (x, expected), leaf_modules=tuple(leaf_modules),
+                          grouped_conv_mode=grouped_conv_mode, macs=macs, params=params)
+    for s in dg.sets:
+        if s.free and len(set(s.group_channels)) > 1:
+            notes.append(f"set '{s.name}': {s.channels} channels do not split evenly into {len(s.groups)} groups "
+                         f"(sizes {s.group_channels})")
+    return ConvertResult(path, source, dg, macs, params, error, notes)
