@@ -5,7 +5,7 @@
   channel belongs to (what the search ranks and trains); at full width they compute exactly the original.
 - `SlimBatchNorm1d/2d/3d`: switchable statistics. A narrower sub-net sees different activation statistics,
   so each named sub-net gets its own running mean/var (calibrated on data, see `dyncompile.bn`), selected by
-  `use_statistics(name)`; `None` selects the original statistics. Recalibration rather than training-time
+  `use_statistics(name)` (see `dyncompile.bn`); `None` selects the original statistics. Recalibration rather than training-time
   switchable BN because the user's model arrives trained: its own statistics stay exact at full width, and a
   new sub-net needs only a forward pass over ~2k images, not retraining.
 """
