@@ -235,19 +235,31 @@ class CouplingAnalysis(fx.Interpreter):
 
     def tie(self, a: torch.Tensor, b: torch.Tensor, node: fx.Node, why: str) -> None:
         a, b = torch.broadcast_tensors(a, b)
-        self.events.append((node.name, why, torch.cat([a.reshape(-1), b.reshape(-1)]).unique().tolist()))
+        self._record_tie(node, why, torch.cat([a.reshape(-1), b.reshape(-1)]).unique())
         self.uf.union_pairs(a, b)
 
     def tie_all(self, t: torch.Tensor, node: fx.Node, why: str) -> None:
         atoms = t.unique()
-        self.events.append((node.name, why, atoms.tolist()))
+        self._record_tie(node, why, atoms)
         self.uf.union_all(atoms)
+
+    def _record_tie(self, node: fx.Node, why: str, atoms: torch.Tensor) -> None:
+        self.events.append((node.name, why, atoms.tolist()))
+        if bool((self.uf.roots(atoms) == FIXED).any()):
+            self._record_fix(f"tied by {_describe(node)} to channels kept whole", atoms)
 
     def fix(self, labels: Any, why: str) -> None:
         for t in _tensor_leaves(labels):
             atoms = t.unique()
-            self.fix_events.append((why, atoms.tolist()))
+            self._record_fix(why, atoms)
             self.uf.union_all(torch.cat([atoms, torch.zeros(1, dtype=torch.int64)]))
+
+    def _record_fix(self, why: str, atoms: torch.Tensor) -> None:
+        """Remember why: for every atom of the classes being fixed, not only the labels at hand."""
+        all_roots = self.uf.roots(torch.arange(self.uf.count))
+        roots = self.uf.roots(atoms)
+        members = torch.isin(all_roots, roots[roots != FIXED]).nonzero().flatten()  # already-fixed keep their reason
+        self.fix_events.append((why, members.tolist()))
 
     def roots(self, labels: torch.Tensor) -> torch.Tensor:
         return compress(self.uf.roots(labels))

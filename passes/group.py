@@ -4,7 +4,8 @@ Order matters because sub-nets keep a *prefix* of groups. A set is often consume
 chunk, slice+concat, constant splits, half-IN/half-BN): ordering by the first producer's channel index
 would hand the whole prefix to one piece and starve another. So each class is ranked by its relative
 position inside every tensor it appears in (the minimum), ties broken by the canonical order: every piece
-then keeps a share of its channels proportional to the width. A set with fewer classes than G gets one group
+then keeps a share of its channels proportional to the width. Where one group cannot serve every piece (a
+4-group shuffle feeding a chunk), the first group grows until it does. A set with fewer classes than G gets one group
 per class; a single class cannot be slimmed (reported as not free).
 """
 
@@ -77,11 +78,35 @@ def group(dg: DynGraph, num_groups: int = 8) -> DynGraph:
     for s in dg.sets:
         # unused classes (rank 2.0: computed but read by no layer) go last, so they are dropped first
         s.classes = sorted(s.classes, key=lambda c, order={c: i for i, c in enumerate(s.classes)}: (rank.get(c, 2.0), order[c]))
-        parts = np.array_split(np.asarray(s.classes, dtype=np.int64), min(num_groups, max(len(s.classes), 1)))
-        s.groups = [p.tolist() for p in parts if len(p)]
+        s.groups = _split(s.classes, num_groups, _first_group_minimum(s.classes, vectors))
         s.group_channels = [int(np.isin(first[s.name], g).sum()) for g in s.groups]
     _check_no_tensor_starves(dg, vectors)
     return dg
+
+
+def _first_group_minimum(classes: list[int], vectors: list[torch.Tensor]) -> int:
+    """How many classes the first group needs so that no tensor made only of this set's classes is emptied."""
+    position = {c: i for i, c in enumerate(classes)}
+    need = 1
+    for vec in vectors:
+        positions = [position.get(int(c)) for c in vec.unique()]
+        if positions and all(p is not None for p in positions):
+            need = max(need, min(positions) + 1)
+    return need
+
+
+def _split(classes: list[int], num_groups: int, first_at_least: int) -> list[list[int]]:
+    """Split into at most `num_groups` near-equal groups, the first holding at least `first_at_least` classes."""
+    if not classes:
+        return []
+    count = min(num_groups, len(classes))
+    even = np.array_split(np.asarray(classes, dtype=np.int64), count)
+    if len(even[0]) >= first_at_least:
+        return [p.tolist() for p in even]
+    first, rest = classes[:first_at_least], classes[first_at_least:]
+    if not rest:
+        return [first]
+    return [first] + [p.tolist() for p in np.array_split(np.asarray(rest, dtype=np.int64), min(count - 1, len(rest))) if len(p)]
 
 
 def _check_no_tensor_starves(dg: DynGraph, vectors: list[torch.Tensor]) -> None:
