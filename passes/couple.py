@@ -449,6 +449,7 @@ def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     full0 = _expand_labels(labels0, a.val(n.args[0]))
     if full0 is None:
         return a.unknown(n, value)
+    _tie_for_fixed_factor_ops(a, n, full0)
     args = (full0,) + tuple(a.val(x) for x in n.args[1:])
     kwargs = {k: a.val(v) for k, v in n.kwargs.items()}
     n.meta[ARGS] = (args[1:], kwargs)  # concrete values: extraction rewrites sizes from these
@@ -470,6 +471,28 @@ def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     if isinstance(result, torch.Tensor):
         return a.rectangular(result.to(torch.int64), n)
     return tuple(a.rectangular(r.to(torch.int64), n) for r in result)
+
+
+_CHANNEL_SHUFFLES = (F.channel_shuffle, torch.channel_shuffle)
+_PIXEL_SHUFFLES = (F.pixel_shuffle, torch.pixel_shuffle)
+
+
+def _tie_for_fixed_factor_ops(a: CouplingAnalysis, n: fx.Node, labels: torch.Tensor) -> None:
+    """Ops whose factor is an argument (not derived from the tensor) stay correct on fewer channels only if
+    the kept channels keep that structure: channel_shuffle(g) needs the same positions in every group,
+    pixel_shuffle(r) needs whole blocks of r² channels."""
+    module = a.modules.get(n.target) if n.op == "call_module" else None
+    target = n.target
+    if isinstance(module, nn.ChannelShuffle) or target in _CHANNEL_SHUFFLES:
+        g = module.groups if module is not None else a.val(n.args[1] if len(n.args) > 1 else n.kwargs["groups"])
+        per = labels.reshape(labels.shape[0], g, labels.shape[1] // g, -1)
+        for j in range(per.shape[2]):
+            a.tie_all(per[:, :, j], n, f"channel_shuffle({g}) keeps position {j} in every group")
+    elif isinstance(module, nn.PixelShuffle) or target in _PIXEL_SHUFFLES:
+        r = module.upscale_factor if module is not None else a.val(n.args[1] if len(n.args) > 1 else n.kwargs["upscale_factor"])
+        blocks = labels.reshape(labels.shape[0], labels.shape[1] // (r * r), r * r, -1)
+        for c in range(blocks.shape[1]):
+            a.tie_all(blocks[:, c], n, f"pixel_shuffle({r}) moves {r * r} channels into one")
 
 
 def _cast(x: Any, dtype: torch.dtype) -> Any:

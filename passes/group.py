@@ -51,6 +51,8 @@ def _channel_vectors(dg: DynGraph) -> list[torch.Tensor]:
                 dims = [d for d in range(t.dim()) if t.shape[d] > 1]
                 if len(dims) == 1:
                     vectors.append(t.movedim(dims[0], 0).reshape(-1))
+                elif not dims:  # one class throughout (e.g. a one-channel slice): it must keep that class
+                    vectors.append(t.reshape(1))
     return vectors
 
 

@@ -174,3 +174,48 @@ def test_what_cannot_be_proven_safe_is_fixed_and_reported():
     other = sets_by_producer(dg)["other"]  # multiplied position-wise with the fixed attention: tied to it
     assert not other.free and any("tied by mul" in why for why in other.fixed_reasons)
     assert_verifies(dg)
+
+
+class OneChannelSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(1, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x)[:, 3:4].mean((2, 3)))
+
+
+def test_one_channel_slice_keeps_its_channel():
+    """Found by the random-graph property test: a one-channel tensor must never be emptied."""
+    dg = analyse_model(OneChannelSlice().eval(), (1, 3, 4, 4), groups=2)
+    conv = sets_by_producer(dg)["conv"]
+    channel3 = int(next(n for n in dg.gm.graph.nodes if n.target == "conv").meta[LABELS].flatten()[3])
+    assert channel3 in conv.groups[0], "the only channel the classifier reads is in the group every sub-net keeps"
+    assert_verifies(dg)
+
+
+class OpShuffles(nn.Module):
+    """channel_shuffle / ChannelShuffle / pixel_shuffle take their factor as an argument, not from the tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.shuffle = nn.ChannelShuffle(3)
+        self.b = nn.Conv2d(6, 16, 1)
+        self.c = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.shuffle(F.channel_shuffle(self.a(x), 2))
+        y = F.pixel_shuffle(self.b(y), 2)
+        return self.fc(self.c(y).mean((2, 3)))
+
+
+def test_factor_taking_shuffles_extract_exactly():
+    """Found by the random-graph property test: the op is copied verbatim, so kept channels must fit it."""
+    dg = analyse_model(OpShuffles().eval(), (1, 3, 4, 4), groups=4)
+    sets = sets_by_producer(dg)
+    assert len(sets["a"].classes) == 1  # shuffles by 2 then 3 over 6 channels tie every position together
+    assert len(sets["b"].classes) == 4  # pixel_shuffle(2): blocks of 4 channels become one output channel
+    assert_verifies(dg)
