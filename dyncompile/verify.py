@@ -75,6 +75,35 @@ def _conv_channels(model: nn.Module) -> int:
                for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)))
 
 
+def _verify_width(dg: DynGraph, width: float, config: dict, masked, weights, x64: torch.Tensor,
+                  full_macs: int) -> WidthReport:
+    set_subnet(masked, dg, config)
+    problems: list[str] = []
+    subnet = extract_subnet(dg, config, weights).eval()
+    with torch.no_grad():
+        expected = masked(x64)
+        got = subnet(x64)
+        retraced = retrace(subnet, dg.leaf_modules)(x64)
+    error = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    tolerance = EXTRACT_TOLERANCE * _scale(expected)
+    if not error <= tolerance:
+        problems.append(f"extracted sub-net differs from the masked model by {error:.3g} (> {tolerance:.3g})")
+    if not torch.equal(retraced, got):
+        problems.append("re-tracing the extracted sub-net with torch.fx changes its output")
+    if any(isinstance(m, ChannelMask) for m in subnet.modules()):
+        problems.append("extracted sub-net still contains masks")
+    channels = _conv_channels(subnet)
+    drops_something = any(kept < len(dg.set_by_name(name).groups) for name, kept in config.items())
+    if drops_something and channels >= _conv_channels(dg.gm):
+        problems.append("extracted sub-net is not smaller than the full network")
+    macs = count_macs(subnet, (1, *dg.input_shape[1:]))  # weights do not change MACs or parameter counts
+    return WidthReport(
+        width=width, groups_kept=config, full_width_error=None, extract_error=error, tolerance=tolerance,
+        macs=macs, macs_fraction=macs / full_macs if full_macs else 1.0, params=count_params(subnet),
+        conv_channels=channels, problems=problems,
+    )
+
+
 def verify(dg: DynGraph, widths: list[float], reference: tuple[torch.Tensor, torch.Tensor] | None = None,
            seed: int = 0) -> list[WidthReport]:
     """Check the three guarantees at each width; `reference` = (input, output of the user's original model)."""
@@ -95,35 +124,16 @@ def verify(dg: DynGraph, widths: list[float], reference: tuple[torch.Tensor, tor
     reports = []
     for width in widths:
         config = uniform_config(dg, width)
-        set_subnet(masked, dg, config)
-        problems: list[str] = []
-        subnet = extract_subnet(dg, config, weights).eval()
-        with torch.no_grad():
-            expected = masked(x64)
-            got = subnet(x64)
-            retraced = retrace(subnet, dg.leaf_modules)(x64)
-        error = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
-        tolerance = EXTRACT_TOLERANCE * _scale(expected)
-        if not error <= tolerance:
-            problems.append(f"extracted sub-net differs from the masked model by {error:.3g} (> {tolerance:.3g})")
-        if not torch.equal(retraced, got):
-            problems.append("re-tracing the extracted sub-net with torch.fx changes its output")
-        if any(isinstance(m, ChannelMask) for m in subnet.modules()):
-            problems.append("extracted sub-net still contains masks")
-        channels = _conv_channels(subnet)
-        drops_something = any(kept < len(dg.set_by_name(name).groups) for name, kept in config.items())
-        if drops_something and channels >= _conv_channels(dg.gm):
-            problems.append("extracted sub-net is not smaller than the full network")
-        this_full_error = None
+        try:
+            report = _verify_width(dg, width, config, masked, weights, x64, full_macs)
+        except Exception as exc:  # noqa: BLE001 - a failure at one width is that width's problem
+            report = WidthReport(width=width, groups_kept=config, full_width_error=None, extract_error=float("inf"),
+                                 tolerance=0.0, macs=0, macs_fraction=0.0, params=0, conv_channels=0,
+                                 problems=[f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"])
         if width == 1.0:
-            this_full_error = full_error
+            report.full_width_error = full_error
             if not full_error <= full_tolerance:
-                problems.append(f"converted model differs from the original by {full_error:.3g} (> {full_tolerance:.3g})")
-        plain = extract_subnet(dg, config).float()
-        macs = count_macs(plain, (1, *dg.input_shape[1:]))
-        reports.append(WidthReport(
-            width=width, groups_kept=config, full_width_error=this_full_error, extract_error=error,
-            tolerance=tolerance, macs=macs, macs_fraction=macs / full_macs if full_macs else 1.0,
-            params=count_params(plain), conv_channels=channels, problems=problems,
-        ))
+                report.problems.append(f"converted model differs from the original by {full_error:.3g} "
+                                       f"(> {full_tolerance:.3g})")
+        reports.append(report)
     return reports
