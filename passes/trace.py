@@ -1,9 +1,12 @@
 """Pass `trace`: model → torch.fx GraphModule, trying harder ways before giving up.
 
 1. `symbolic`: plain torch.fx symbolic tracing (user leaf modules stay opaque).
-2. `concrete-iteration`: the same, but where Python iterates over a proxy (``for t in torch.split(x, s)``)
-   the tracer runs the graph recorded so far on the example input to learn how many items there are.
-   That count is a property of the model's structure (split sizes), not of the batch, so baking it is safe.
+2. `concrete`: the same, but where the model's Python needs a value the tracer runs the graph recorded so
+   far on the example input: iterating over a proxy (``for t in torch.split(x, s)``) learns how many items
+   there are, and shape queries (``x.shape``, ``x.size(1)``, ``x.dim()``) return concrete sizes, so Python
+   control flow on shapes (``range(c // 4)``, ``if x.size(1) > 8``) traces. The batch size stays symbolic;
+   the other sizes are properties of the model at this input resolution, which sub-nets are specialised to
+   anyway.
 
 If both fail, the error names the user's Python line and the module to pass to ``--leaf``.
 """
@@ -18,13 +21,14 @@ import torch.fx as fx
 import torch.fx._symbolic_trace as fx_tracing
 from torch import nn
 
+import dyncompile
 from dyncompile.errors import TraceError
 from dyncompile.ir import DynGraph
 
 __all__ = ["trace", "retrace"]
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
-_OWN_DIR = str(Path(__file__).resolve().parent.parent)
+_OWN_DIRS = tuple(f"{d}/" for d in (Path(__file__).resolve().parent, Path(dyncompile.__file__).resolve().parent))
 
 
 class _Tracer(fx.Tracer):
@@ -46,6 +50,12 @@ class _Tracer(fx.Tracer):
         self.dyncompile_modules.pop()
         return result
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteShapeProxy(node, self) if self.example_input is not None else super().proxy(node)
+
+    def concrete(self, proxy: fx.Proxy):
+        return _evaluate_partial(self.root, self.graph, proxy.node, self.example_input)
+
     def iter(self, obj: fx.Proxy):
         if self.example_input is None:
             return super().iter(obj)
@@ -54,6 +64,32 @@ class _Tracer(fx.Tracer):
             # Iterating a tensor walks its batch dimension: that depends on the input, not the model.
             return super().iter(obj)
         return iter([obj[i] for i in range(len(value))])
+
+
+class _ConcreteShapeProxy(fx.Proxy):
+    """Shape queries answer with real sizes (batch stays a proxy): Python can branch and loop on them."""
+
+    def _sizes(self) -> tuple:
+        value = self.tracer.concrete(self)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"shape of a non-tensor value ({type(value).__name__})")
+        batch = self.tracer.create_proxy("call_method", "size", (self, 0), {})
+        return (batch, *value.shape[1:])
+
+    @property
+    def shape(self):
+        return self._sizes()
+
+    def size(self, dim: int | None = None):
+        sizes = self._sizes()
+        return sizes if dim is None else sizes[dim]
+
+    def dim(self) -> int:
+        return len(self._sizes())
+
+    @property
+    def ndim(self) -> int:
+        return self.dim()
 
 
 def retrace(module: nn.Module, leaf_modules: tuple[str, ...] = ()) -> fx.GraphModule:
@@ -82,7 +118,7 @@ def _evaluate_partial(root: nn.Module, graph: fx.Graph, node: fx.Node, example_i
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     """The innermost traceback frame that is the user's code (not torch's, not ours)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_OWN_DIR)]
+    user = [f for f in frames if not f.filename.startswith((_TORCH_DIR, *_OWN_DIRS))]
     return user[-1] if user else None
 
 
@@ -105,7 +141,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: tuple[st
         raise TraceError(f"--leaf {unknown[0]!r} is not a submodule of the model (see `print(model)` for names)")
     example = torch.randn(*input_shape)
     first_error: BaseException | None = None
-    for mode, example_input in (("symbolic", None), ("concrete-iteration", example)):
+    for mode, example_input in (("symbolic", None), ("concrete", example)):
         try:
             gm = _trace_once(model, leaf_modules, example_input)
         except Exception as exc:  # noqa: BLE001

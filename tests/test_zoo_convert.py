@@ -25,7 +25,7 @@ def test_zoo_model_converts_and_verifies(name):
     entry = ZOO[name]
     torch.manual_seed(0)
     dg = analyse_model(build(name).eval(), entry.input_shape, groups=8)
-    assert dg.trace_mode == ("concrete-iteration" if entry.needs_fallback else "symbolic")
+    assert dg.trace_mode == ("concrete" if entry.needs_fallback else "symbolic")
     assert len(dg.free_sets) >= (1 if name in FEW_FREE_SETS else 3)
     reports = verify(dg, WIDTHS)
     for r in reports:
