@@ -31,7 +31,6 @@ import builtins
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import inspect
 import json
 import keyword
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from dyncompile.errors import WorkspaceError
+from dyncompile.fileio import sha256_file as _sha256
 
 __all__ = [
     "FORMAT_VERSION",
@@ -775,14 +775,6 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _paths(directory: str | Path, name: str) -> tuple[Path, Path]:

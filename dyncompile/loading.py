@@ -6,7 +6,6 @@ Every failure is a one-line `ModelLoadError` that says what to do.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import pickle
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from dyncompile.errors import ModelLoadError
+from dyncompile.fileio import sha256_file as _sha256
 
 __all__ = ["ModelSource", "load_model", "import_factory", "parse_input_shape", "guess_input_shape"]
 
@@ -58,14 +58,6 @@ def import_factory(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_dict_of(obj: object) -> dict[str, torch.Tensor] | None:

@@ -17,7 +17,6 @@ importing the factory named at convert time (their weights still come from the w
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import torch
 
 import dyncompile
 from dyncompile.errors import WorkspaceError
+from dyncompile.fileio import sha256_file as _sha256
 from dyncompile.graph_io import is_safe_module, load_graph_module, save_graph_module
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, import_factory
@@ -50,14 +50,6 @@ class Workspace:
     spec: dict
     dg: DynGraph
     reference: tuple[torch.Tensor, torch.Tensor]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _set_record(s) -> dict:

@@ -43,15 +43,6 @@ SLOW_EXAMPLES = int(os.environ.get("DYNCOMPILE_RANDOM_EXAMPLES", "300"))
 ACCEPTED_CONFIG_ERRORS = ("exceeds the widest layer", "would lose every channel")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models: one intra-op thread is as fast alone and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def note(text: str) -> None:
     """hypothesis.event, also callable outside a hypothesis test (regressions, debugging)."""
     if currently_in_test_context():

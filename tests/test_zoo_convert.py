@@ -12,14 +12,6 @@ WIDTHS = [1.0, 0.75, 0.5, 0.25]
 FEW_FREE_SETS = {"shufflenetv1-g3-cifar", "shufflenetv1-g3-imagenet", "shufflenetv1-g8-cifar"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_model_converts_and_verifies(name):
     entry = ZOO[name]

@@ -17,15 +17,6 @@ from examples.zoo import FEATURES, ZOO, build  # `examples` is importable via py
 ZOO_DIR = REPO_ROOT / "examples" / "zoo"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These models are tiny: one intra-op thread is as fast alone and far faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registry_entries_are_well_formed():
     assert len(ZOO) >= 40
     for name, entry in ZOO.items():
