@@ -18,28 +18,7 @@ from torch import nn
 from dyncompile.errors import ConfigError
 from dyncompile.ir import LABELS, DynGraph
 
-__all__ = ["group", "consumer_inputs"]
-
-CONSUMERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def consumer_inputs(dg: DynGraph) -> dict[str, torch.Tensor]:
-    """Class id of every input channel of each conv/linear (by module name)."""
-    modules = dict(dg.gm.named_modules())
-    result = {}
-    for node in dg.gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], CONSUMERS):
-            continue
-        m = modules[node.target]
-        labels = node.args[0].meta.get(LABELS)
-        if not isinstance(labels, torch.Tensor):
-            continue
-        dim = labels.dim() - 1 if isinstance(m, nn.Linear) else 1
-        width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-        vec = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)[:, 0]
-        result[node.target] = vec.expand(width) if vec.numel() == 1 else vec
-    return result
-
+__all__ = ["group"]
 
 def _channel_vectors(dg: DynGraph) -> list[torch.Tensor]:
     """The class ids along the varying dim of every tensor in the graph (its 'channels')."""

@@ -29,7 +29,6 @@ from hypothesis.control import currently_in_test_context
 from torch import nn
 
 from dyncompile.errors import ConfigError
-from dyncompile.ir import LABELS
 from dyncompile.measure import count_macs, count_params
 from dyncompile.pipeline import analyse_model
 from dyncompile.verify import verify

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyncompile.ir import FIXED, LABELS
+from dyncompile.ir import LABELS
 from dyncompile.pipeline import analyse_model
 from dyncompile.verify import verify
 
