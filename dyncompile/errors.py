@@ -19,3 +19,7 @@ class WorkspaceError(DyncompileError):
 
 class ConfigError(DyncompileError):
     """A command-line value is out of range or inconsistent with the model."""
+
+
+class DatasetError(DyncompileError):
+    """A dataset folder is unreadable: unrecognised, truncated, inconsistent or unsafe."""
