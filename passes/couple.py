@@ -39,7 +39,7 @@ from torch import nn
 
 from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
 
-__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES"]
+__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward"]
 
 GROUPED_CONV_MODES = ("auto", "group", "position")
 _MAX_PARAM_ATOMS = 1 << 16  # larger constant tensors (embeddings…) are simply fixed
@@ -293,6 +293,8 @@ class CouplingAnalysis(fx.Interpreter):
     def handler_for(self, n: fx.Node) -> Handler | None:
         if n.op == "call_module":
             m = self.modules[n.target]
+            if not has_torch_forward(m):
+                return None  # a user subclass with its own forward: whatever it computes, it is not the layer
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 return _conv
             if isinstance(m, nn.Linear):
@@ -349,6 +351,14 @@ def _describe(n: Any) -> str:
         return f"module '{n.target}'"
     target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
     return f"{target} at node '{n.name}'"
+
+
+def has_torch_forward(m: nn.Module) -> bool:
+    """True when the module runs torch.nn's own forward (dyncompile's Slim* layers keep it)."""
+    for cls in type(m).__mro__:
+        if "forward" in cls.__dict__:
+            return cls.__module__.startswith("torch.nn.")
+    return False
 
 
 def _data_labels(a: CouplingAnalysis, n: fx.Node) -> torch.Tensor:

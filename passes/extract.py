@@ -18,6 +18,7 @@ from torch import nn
 
 from dyncompile.errors import DyncompileError
 from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
+from dyncompile.passes.couple import has_torch_forward
 
 __all__ = ["extract_subnet", "ExtractionError"]
 
@@ -119,6 +120,8 @@ class _Extractor:
     def slice_module(self, node: fx.Node) -> nn.Module:
         m = self.modules[node.target]
         in_kept, out_kept = self.input_kept(node), self.kept[node]
+        if not has_torch_forward(m):
+            return _plain_copy(m)  # opaque to the analysis (its channels are fixed): copied as it is
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             return _slice_conv(m, _indices(in_kept, 1, m.in_channels), _indices(out_kept, 1, m.out_channels))
         if isinstance(m, nn.Linear):

@@ -219,3 +219,37 @@ def test_factor_taking_shuffles_extract_exactly():
     assert len(sets["a"].classes) == 1  # shuffles by 2 then 3 over 6 channels tie every position together
     assert len(sets["b"].classes) == 4  # pixel_shuffle(2): blocks of 4 channels become one output channel
     assert_verifies(dg)
+
+
+class BNReLU(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a BN subclass whose own forward adds an activation."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps))
+
+
+class PadConv(nn.Conv2d):
+    """timm's Conv2dSame pattern: a conv subclass that pads inside its own forward."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+class SubclassLeaves(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = BNReLU(16)
+        self.conv2 = PadConv(16, 16, 3)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.bn(self.conv1(x))).mean((2, 3)))
+
+
+def test_leaf_subclass_with_its_own_forward_is_not_taken_for_the_torch_layer():
+    """Found on timm models (docs/public-zoos.md, F1): such a leaf is opaque, so its channels stay whole."""
+    dg = analyse_model(SubclassLeaves().eval(), (1, 3, 8, 8), groups=4, leaf_modules=("bn", "conv2"))
+    sets = sets_by_producer(dg)
+    assert not sets["conv1"].free and any("module 'bn'" in why for why in sets["conv1"].fixed_reasons)
+    assert_verifies(dg)
