@@ -1,1 +1,84 @@
-"""Compilation targets, one module per kind (installed as dyncompile.targets)."""
+"""Compilation targets, one module per kind, found through one registry keyed by name.
+
+    get_target("cpu")  ──▶  dyncompile.targets.cpu   (a module with the `TargetKind` interface)
+
+`dyncompile.build` and `dyncompile.runtime` never ask "which target is this?": they look the kind up here
+and call its functions. A new target (arm, cuda) is one new module plus one line in `TARGETS`. Target
+modules import TVM only inside their functions, so listing or looking up targets stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dyncompile.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tvm
+
+__all__ = ["TARGETS", "TargetKind", "UnknownTargetError", "get_target", "known_targets"]
+
+# name -> module implementing `TargetKind`
+TARGETS: dict[str, str] = {
+    "arm": "dyncompile.targets.arm",
+    "cpu": "dyncompile.targets.cpu",
+}
+
+
+class UnknownTargetError(ConfigError):
+    """No target of that name is registered."""
+
+
+class TargetKind(Protocol):
+    """What every target module provides (module-level names and functions).
+
+    name: the registry key, recorded in the deployable's manifest.
+    device: the runtime device kind its code runs on ("cpu", "cuda"); `runtime.load(device=...)` must match.
+    """
+
+    name: str
+    device: str
+    description: str
+
+    def tvm_target(self, **options: Any) -> tvm.target.Target:
+        """The TVM target to compile for; `options` are target specific (cpu: mcpu, num_cores)."""
+
+    def describe(self, target: tvm.target.Target) -> dict:
+        """JSON facts about `target` for the manifest (what `check_runnable` later compares)."""
+
+    def check_toolchain(self) -> None:
+        """Raise ConfigError (one line, with the fix) if a compiler or library this target needs is missing."""
+
+    def schedule_passes(self, target: tvm.target.Target) -> list:
+        """Passes that give kernels tuning did not cover a schedule (none on CPU; dlight rules on GPUs)."""
+
+    def lower_passes(self, target: tvm.target.Target) -> list:
+        """Relax passes from fused, scheduled Relax down to what the VM code generator takes."""
+
+    def tensor_intrinsics(self) -> list[str]:
+        """Modules of `tvm.s_tir.tensor_intrin` that tuning for this target needs (e.g. ["x86"])."""
+
+    def tuning_builder(self, timeout_s: float) -> Any:
+        """The MetaSchedule builder for tuning candidates."""
+
+    def tuning_runner(self) -> Any:
+        """The MetaSchedule runner that measures candidates (local, or over RPC for a board)."""
+
+    def export_library(self, executable: Any, path: str) -> None:
+        """Write the compiled executable as a shared library at `path` (cross-linked where needed)."""
+
+    def check_runnable(self, recorded: dict) -> str | None:
+        """None if code built for `recorded` (a `describe` result) runs on this machine, else why not."""
+
+
+def known_targets() -> list[str]:
+    return sorted(TARGETS)
+
+
+def get_target(name: str) -> TargetKind | ModuleType:
+    """The target module registered as `name`; UnknownTargetError (listing the known ones) otherwise."""
+    if name not in TARGETS:
+        raise UnknownTargetError(f"unknown target '{name}'; known targets: {', '.join(known_targets())}")
+    return importlib.import_module(TARGETS[name])

@@ -1,0 +1,245 @@
+"""The multi-width deployable: one folder per target, written atomically, checked on load.
+
+    <out>/                      e.g. dyncompile-workspace/deploy/cpu/
+      model.so                  ONE library: per sub-net a function `<name>` and its `<name>_transform_params`
+      weights.npz               the FULL model's tensors, once (plain .npz, read with allow_pickle=False)
+      manifest.json             format, target, versions, input/output, sub-nets, SHA-256 of every file
+
+Each sub-net's record in the manifest carries its config, MACs, params, measured latency (null until a
+bench fills it), accuracy (null until search fills it) and its slicing recipe: for every input of its
+`_transform_params` function, the full tensor it is cut from and the kept indices per dim. So the disk holds
+about 1× the full model's weights whatever the number of sub-nets; `dyncompile.runtime` cuts them at load.
+
+BatchNorm is stored unfolded (as the model has it): the library's `<name>_transform_params` computes each
+BN's scale and shift from the sliced tensors once at load. Per-sub-net BN statistics (from search) would be
+extra named tensors in weights.npz that a recipe points to.
+
+The folder is staged next to its destination, fsync'ed, and renamed into place; the manifest is written last
+and holds the SHA-256 of every other file, so a half-written, tampered or mixed-up deployable is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import dyncompile
+from dyncompile.errors import DyncompileError
+from dyncompile.fileio import sha256_file
+
+__all__ = ["DeployableError", "ParamSlice", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
+           "write_deployable", "read_manifest", "record_latencies"]
+
+FORMAT_VERSION = 1
+KIND = "dyncompile-deployable"
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+WEIGHTS = "weights.npz"
+
+
+class DeployableError(DyncompileError):
+    """A deployable is missing, malformed, changed on disk, or made for another target."""
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """One input of a sub-net's Relax function: which full-model tensor it is cut from, and how.
+
+    ``index[d]`` lists the kept indices along dim d of the full tensor (None: all of them); the slice is the
+    outer product of these lists (``np.take`` dim by dim), exactly the tensor `extract_subnet` produced.
+    """
+
+    name: str  # the Relax parameter, e.g. "p_layer1_0_conv1_weight"
+    source: str  # the full model's tensor, e.g. "layer1.0.conv1.weight"
+    index: tuple[tuple[int, ...] | None, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "source": self.source, "shape": list(self.shape), "dtype": self.dtype,
+                "index": [None if i is None else list(i) for i in self.index]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ParamSlice:
+        return cls(d["name"], d["source"], tuple(None if i is None else tuple(i) for i in d["index"]),
+                   tuple(d["shape"]), d["dtype"])
+
+    def cut(self, full: np.ndarray) -> np.ndarray:
+        out = full
+        for dim, idx in enumerate(self.index):
+            if idx is not None:
+                out = np.take(out, idx, axis=dim)
+        return np.ascontiguousarray(out)
+
+
+_NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.e+-]+|null)(?:,\s*(?:-?[\d.e+-]+|null))*)\s*\]")
+
+
+def _dumps(manifest: dict) -> str:
+    """Indented JSON with lists of numbers on one line (index lists would otherwise take a line per int)."""
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]",
+                            json.dumps(manifest, indent=1))
+
+
+def default_output(workspace: str | Path, target_name: str) -> Path:
+    """Where `dyncompile build` puts a target's deployable unless told otherwise."""
+    return Path(workspace) / "deploy" / target_name
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _versions() -> dict:
+    import torch
+    import tvm
+
+    return {"dyncompile": dyncompile.__version__, "tvm": tvm.__version__, "torch": torch.__version__,
+            "numpy": np.__version__}
+
+
+def _subnet_record(s) -> dict:
+    return {
+        "name": s.name,
+        "function": s.function,
+        "transform_function": s.transform_function,
+        "config": s.config,
+        "macs": s.macs,
+        "params": s.params,
+        "latency_ms": None,
+        "accuracy": None,
+        "kernels": s.kernels,
+        "tuned_kernels": s.tuned_kernels,
+        "embedded_bytes": s.embedded_bytes,
+        "output": {"shape": list(s.output_shape), "dtype": s.output_dtype},
+        "parameters": [p.to_json() for p in s.parameters],
+    }
+
+
+def write_deployable(out: str | Path, result, dg, *, model: dict | None = None) -> Path:
+    """Write `result` (a `dyncompile.build.BuildResult`) and `dg`'s full weights as a deployable at `out`.
+
+    Replaces an existing deployable there; refuses to replace a folder that is not one. `model`: facts
+    about the source model to record (e.g. the workspace's model spec).
+    """
+    from dyncompile.targets import get_target
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise DeployableError(f"'{out}' exists and is not a deployable; choose another output folder (-o)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        full = {k: v.detach().cpu().numpy() for k, v in dg.gm.state_dict().items()}
+        with open(staging / WEIGHTS, "wb") as f:
+            np.savez(f, **full)
+        get_target(result.target_name).export_library(result.executable, str(staging / LIBRARY))
+        files = {name: sha256_file(staging / name) for name in (LIBRARY, WEIGHTS)}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "kind": KIND,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "target": {"name": result.target_name, "device": get_target(result.target_name).device,
+                       **result.target_facts},
+            "model": model or {},
+            "input": {"shape": list(result.input_shape), "dtype": result.input_dtype,
+                      "batch_size": result.batch_size},
+            "library": LIBRARY,
+            "weights": {"file": WEIGHTS, "bytes": int(sum(a.nbytes for a in full.values())),
+                        "tensors": {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in full.items()}},
+            "tuning": None if result.tuning is None else {
+                "trials_per_task": result.tuning.trials_per_task, "kernels": result.tuning.tasks,
+                "tuned_now": result.tuning.tuned, "reused": result.tuning.reused},
+            "latency": None,  # how latency_ms was measured, once a bench recorded it
+            "subnets": sorted((_subnet_record(s) for s in result.subnets), key=lambda r: -r["macs"]),
+            "files": files,
+        }
+        (staging / MANIFEST).write_text(_dumps(manifest))
+        for name in (*files, MANIFEST):
+            _fsync(staging / name)
+        _fsync(staging)
+        # A folder cannot be renamed over a non-empty one: move the old deployable aside first, back on failure.
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "deployable")
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if old is not None:
+                os.rename(old / "deployable", out)
+            raise
+        _fsync(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_manifest(path: str | Path, *, verify_files: bool = True) -> dict:
+    """The manifest of the deployable at `path`, after checking its format and every file's SHA-256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise DeployableError(f"no deployable at '{path}' (no {MANIFEST}); run `dyncompile build` first")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DeployableError(f"'{manifest_path}' is not valid JSON ({exc}); rebuild the deployable") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise DeployableError(f"'{manifest_path}' is not a dyncompile deployable manifest")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise DeployableError(f"deployable '{path}' has format {manifest.get('format')}, this dyncompile reads "
+                              f"{FORMAT_VERSION}; rebuild it with this version")
+    if verify_files:
+        for name, digest in manifest.get("files", {}).items():
+            file = path / name
+            if not file.is_file():
+                raise DeployableError(f"deployable file '{file}' is missing; rebuild the deployable")
+            if sha256_file(file) != digest:
+                raise DeployableError(f"deployable file '{file}' does not match its manifest (SHA-256 mismatch: "
+                                      f"changed or from another build); rebuild the deployable")
+        missing = {LIBRARY, WEIGHTS} - set(manifest.get("files", {}))
+        if missing:
+            raise DeployableError(f"the manifest of '{path}' has no checksum for {sorted(missing)[0]}; rebuild it")
+    return manifest
+
+
+def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict | None = None) -> dict:
+    """Store measured latencies (ms, per sub-net name) in the manifest, atomically; returns the new manifest.
+
+    `how`: how they were measured (device, batch, repeats, statistic), recorded once for all of them.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    names = {s["name"] for s in manifest["subnets"]}
+    unknown = sorted(set(latencies) - names)
+    if unknown:
+        raise DeployableError(f"no sub-net '{unknown[0]}' in '{path}'; sub-nets: {', '.join(sorted(names))}")
+    for s in manifest["subnets"]:
+        if s["name"] in latencies:
+            value = float(latencies[s["name"]])
+            if not value > 0:
+                raise DeployableError(f"latency of '{s['name']}' must be positive, got {value}")
+            s["latency_ms"] = value
+    manifest["latency"] = how or manifest.get("latency") or {}
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(_dumps(manifest))
+    _fsync(tmp)
+    os.replace(tmp, path / MANIFEST)
+    _fsync(path)
+    return manifest

@@ -1,0 +1,188 @@
+"""Run a deployable: every sub-net ready at once, switched per call with no reload.
+
+    import dyncompile.runtime
+    model = dyncompile.runtime.load("dyncompile-workspace/deploy/cpu")    # device="cpu"
+    model.subnets                        # [SubnetInfo(name='w100', macs=40813184, ...), ...], most MACs first
+    y = model.run(x, subnet="w50")       # x: numpy array or torch tensor; y: the same kind
+    y = model.run(x, budget_ms=1.0)      # the most accurate sub-net whose measured latency fits
+
+`load` checks every file's SHA-256 before it loads the library (loading a library runs its code), refuses a
+deployable built for another device or a CPU this one cannot run, cuts each sub-net's weights out of the
+full ones once, runs each sub-net's `_transform_params` once, and creates one VirtualMachine. Only TVM's
+runtime is used here (no Relax, no torch needed), so this also runs where only the runtime is installed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dyncompile.deployable import LIBRARY, WEIGHTS, DeployableError, ParamSlice, read_manifest
+
+__all__ = ["DeployedModel", "SubnetInfo", "load"]
+
+
+class SubnetInfo(NamedTuple):
+    name: str
+    macs: int  # per image
+    params: int
+    latency_ms: float | None  # measured on the target (null until a bench records it)
+    accuracy: float | None  # from search (null until search records it)
+
+
+def _device(kind: str) -> Any:
+    import tvm
+
+    devices = {"cpu": tvm.cpu, "cuda": tvm.cuda}
+    if kind not in devices:
+        raise DeployableError(f"unknown device '{kind}'; devices: {', '.join(devices)}")
+    return devices[kind](0)
+
+
+class DeployedModel:
+    """A loaded deployable: one VirtualMachine, every sub-net's weights ready on the device."""
+
+    def __init__(self, path: Path, manifest: dict, vm: Any, device: Any, weights: dict[str, list]):
+        self.path = path
+        self.manifest = manifest
+        self._vm = vm
+        self._device = device
+        self._weights = weights
+        self._records = {s["name"]: s for s in manifest["subnets"]}
+        self.input_shape = tuple(manifest["input"]["shape"])
+        self.input_dtype = manifest["input"]["dtype"]
+        self.target = manifest["target"]["name"]
+
+    @property
+    def subnets(self) -> list[SubnetInfo]:
+        return [SubnetInfo(s["name"], s["macs"], s["params"], s.get("latency_ms"), s.get("accuracy"))
+                for s in self.manifest["subnets"]]
+
+    @property
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.manifest["subnets"]]
+
+    def select(self, budget_ms: float) -> str:
+        """The most accurate sub-net whose recorded latency is ≤ `budget_ms`."""
+        subnets = self.subnets
+        timed = [s for s in subnets if s.latency_ms is not None]
+        if not timed:
+            raise DeployableError(f"deployable '{self.path}' has no measured latencies; run `dyncompile bench` "
+                                  f"on the target first, or choose a sub-net by name")
+        fits = [s for s in timed if s.latency_ms <= budget_ms]
+        if not fits:
+            fastest = min(timed, key=lambda s: s.latency_ms)
+            raise DeployableError(f"no sub-net runs within {budget_ms} ms; the fastest, '{fastest.name}', "
+                                  f"takes {fastest.latency_ms:.3g} ms")
+        return self._most_accurate(fits)
+
+    def _most_accurate(self, candidates: list[SubnetInfo]) -> str:
+        """Highest recorded accuracy when every sub-net has one (search fills it), else most MACs."""
+        if all(s.accuracy is not None for s in self.subnets):
+            return max(candidates, key=lambda s: (s.accuracy, s.macs)).name
+        return max(candidates, key=lambda s: s.macs).name
+
+    def _check_name(self, subnet: str) -> None:
+        if subnet not in self._records:
+            raise DeployableError(f"no sub-net '{subnet}'; sub-nets: {', '.join(self.names)}")
+
+    def _input(self, x: Any) -> Any:
+        import tvm
+
+        array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+        if tuple(array.shape) != self.input_shape:
+            raise DeployableError(f"input shape {tuple(array.shape)} does not match the deployable's "
+                                  f"{self.input_shape} (the batch size is fixed at build time)")
+        array = np.ascontiguousarray(array, dtype=self.input_dtype)
+        return tvm.runtime.tensor(array, self._device)
+
+    def _call(self, name: str, x: Any) -> Any:
+        out = self._vm[self._records[name]["function"]](x, *self._weights[name])
+        return out[0] if not hasattr(out, "numpy") else out
+
+    def run(self, x: Any, subnet: str | None = None, *, budget_ms: float | None = None) -> Any:
+        """Run sub-net `subnet` (or the one `select(budget_ms)` picks; neither: the most accurate) on `x`.
+
+        `x` must have the deployable's input shape; a torch tensor gives a torch tensor back, anything else
+        a numpy array.
+        """
+        if subnet is not None and budget_ms is not None:
+            raise DeployableError("give either subnet= or budget_ms=, not both")
+        if budget_ms is not None:
+            subnet = self.select(budget_ms)
+        elif subnet is None:
+            subnet = self._most_accurate(self.subnets)
+        self._check_name(subnet)
+        y = self._call(subnet, self._input(x)).numpy()
+        if hasattr(x, "detach"):
+            import torch
+
+            return torch.from_numpy(y)
+        return y
+
+    def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
+        """Median wall time (ms) of one call of `subnet` on a random input already on the device."""
+        self._check_name(subnet)
+        x = self._input(np.random.default_rng(0).standard_normal(self.input_shape).astype(self.input_dtype))
+        for _ in range(warmup):
+            self._call(subnet, x)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._call(subnet, x)
+            self._device.sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+
+def load(path: str | Path, device: str = "cpu") -> DeployedModel:
+    """Open the deployable at `path` for `device` (see the module docstring); DeployableError if it cannot."""
+    import tvm
+
+    from dyncompile.targets import UnknownTargetError, get_target
+
+    path = Path(path)
+    manifest = read_manifest(path)  # every SHA-256 checked before anything is loaded
+    target = manifest["target"]
+    if target.get("device") != device:
+        raise DeployableError(f"deployable '{path}' was built for target '{target.get('name')}' "
+                              f"(device {target.get('device')}), not for device '{device}'; build it with "
+                              f"--target for this device")
+    try:
+        why_not = get_target(target["name"]).check_runnable(target)
+    except UnknownTargetError:
+        raise DeployableError(f"deployable '{path}' was built for target '{target['name']}', which this "
+                              f"dyncompile does not know") from None
+    if why_not:
+        raise DeployableError(f"deployable '{path}' cannot run here: {why_not}; rebuild it on this machine")
+    built_with = str(manifest.get("versions", {}).get("tvm", "?"))
+    if built_with.split(".")[:2] != tvm.__version__.split(".")[:2]:  # the VM's bytecode is not a stable format
+        raise DeployableError(f"deployable '{path}' was compiled with TVM {built_with} and this runtime is TVM "
+                              f"{tvm.__version__}; rebuild it with this version")
+    dev = _device(device)
+    try:
+        with np.load(path / WEIGHTS, allow_pickle=False) as npz:
+            full = {name: npz[name] for name in npz.files}
+    except Exception as exc:  # noqa: BLE001 -- zipfile/numpy raise many kinds
+        raise DeployableError(f"cannot read '{path / WEIGHTS}' ({type(exc).__name__}); rebuild the deployable") \
+            from None
+    for name, spec in manifest["weights"]["tensors"].items():
+        if name not in full or list(full[name].shape) != spec["shape"] or str(full[name].dtype) != spec["dtype"]:
+            raise DeployableError(f"'{path / WEIGHTS}' does not hold tensor '{name}' as the manifest describes")
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIBRARY)), dev)
+    weights = {}
+    for s in manifest["subnets"]:
+        raw = []
+        for p in map(ParamSlice.from_json, s["parameters"]):
+            if p.source not in full:
+                raise DeployableError(f"sub-net '{s['name']}' needs '{p.source}', which '{WEIGHTS}' lacks")
+            cut = p.cut(full[p.source])
+            if tuple(cut.shape) != p.shape:
+                raise DeployableError(f"sub-net '{s['name']}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
+            raw.append(tvm.runtime.tensor(cut, dev))
+        weights[s["name"]] = list(vm[s["transform_function"]](raw)) if s.get("transform_function") else raw
+    return DeployedModel(path, manifest, vm, dev, weights)

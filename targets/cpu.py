@@ -1,0 +1,135 @@
+"""Target `cpu`: LLVM for the host this runs on (detected mcpu, all its cores).
+
+Code is compiled for the host's CPU model (`-mcpu`), so a deployable built here may use instructions (AVX-512,
+…) another x86 machine lacks: `check_runnable` compares the instruction-set features the build enabled with
+the machine loading it and refuses with a clear line instead of crashing on an illegal instruction.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import sys
+from typing import Any
+
+from dyncompile.errors import ConfigError
+
+__all__ = ["name", "device", "description", "tvm_target", "describe", "check_toolchain", "schedule_passes",
+           "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library", "check_runnable"]
+
+name = "cpu"
+device = "cpu"
+description = "LLVM for this machine's CPU (detected mcpu, all cores)"
+
+# LLVM features that are instructions (not tuning hints such as "fast-lzcnt" or "slow-3ops-lea"): code built
+# with one of these enabled cannot run on a CPU that lacks it.
+_ISA_FEATURE = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|vpclmul|vaes|gfni|popcnt|lzcnt|movbe|adx|sha|aes|"
+                          r"pclmul|neon|sve|fp-armv8|dotprod|fullfp16|i8mm|bf16|crypto|lse|rcpc)")
+
+
+def _host_triple() -> str:
+    import tvm
+
+    arch = tvm.target.codegen.llvm_get_system_triple().split("-")[0] or platform.machine()
+    system = {"linux": "linux-gnu", "darwin": "apple-darwin"}.get(sys.platform, "unknown-unknown")
+    return f"{arch}-{system}"
+
+
+def tvm_target(*, mcpu: str | None = None, num_cores: int | None = None) -> Any:
+    """`llvm` for the host: mcpu detected by LLVM unless given ("native" is rejected by TVM), all cores."""
+    import tvm
+
+    mcpu = mcpu or tvm.target.codegen.llvm_get_system_cpu()
+    if not tvm.target.codegen.llvm_is_valid_cpu(mcpu, _host_triple()):
+        raise ConfigError(f"LLVM does not know the CPU '{mcpu}'; leave --mcpu out to use this machine's CPU")
+    cores = num_cores or os.cpu_count() or 1
+    return tvm.target.Target({"kind": "llvm", "mtriple": _host_triple(), "mcpu": mcpu, "num-cores": int(cores)})
+
+
+def _isa_features(target: Any) -> list[str]:
+    import tvm
+
+    return sorted(f for f in tvm.target.codegen.llvm_get_cpu_features(target) if _ISA_FEATURE.match(f))
+
+
+def describe(target: Any) -> dict:
+    return {
+        "tvm_target": str(target),
+        "mtriple": str(target.attrs["mtriple"]),
+        "mcpu": str(target.attrs["mcpu"]),
+        "num_cores": int(target.attrs["num-cores"]),
+        "isa_features": _isa_features(target),
+    }
+
+
+def check_toolchain() -> None:
+    """Exporting a library links it with the host C compiler (`cc`, or $CXX/$CC)."""
+    import shutil
+
+    compilers = [os.environ.get("CXX"), os.environ.get("CC"), "g++", "gcc", "cc", "clang"]
+    if not any(c and shutil.which(c) for c in compilers):
+        raise ConfigError("no C compiler found to link the compiled library; install one (apt-get install g++)")
+
+
+def schedule_passes(target: Any) -> list:
+    # Untuned CPU kernels compile as plain loops: correct but slow. The dlight CPU rules gave only ~2× here
+    # (see TVM-NOTES), so the CPU answer for speed is tuning, not a fallback schedule.
+    return []
+
+
+def lower_passes(target: Any) -> list:
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+    return cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
+
+
+def _build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule's default build without `import tvm.s_tir.tensor_intrin` (about 23 s in every worker)."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def tensor_intrinsics() -> list[str]:
+    """Modules of `tvm.s_tir.tensor_intrin` tuning for this CPU needs (the package imports every vendor's)."""
+    return ["arm_cpu"] if _host_triple().startswith(("aarch64", "arm64")) else ["x86"]
+
+
+def tuning_builder(timeout_s: float = 120.0) -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    # Workers restart every batch and import TVM each time: the stock 30 s timeout fails every candidate
+    # as "Build errors" on a busy 2-core machine.
+    return ms.builder.LocalBuilder(timeout_sec=timeout_s, f_build=_build_candidate,
+                                   max_workers=max(1, (os.cpu_count() or 1)))
+
+
+def tuning_runner() -> Any:
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.LocalRunner(timeout_sec=60,
+                                 evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50))
+
+
+def export_library(executable: Any, path: str) -> None:
+    executable.export_library(path)
+
+
+def check_runnable(recorded: dict) -> str | None:
+    try:
+        import tvm
+
+        here = tvm_target(num_cores=1)
+        host_arch, built_arch = _host_triple().split("-")[0], recorded["mtriple"].split("-")[0]
+        if host_arch != built_arch:
+            return f"it was built for {built_arch} and this machine is {host_arch}"
+        missing = sorted(set(recorded.get("isa_features", [])) - set(_isa_features(here)))
+    except (ImportError, AttributeError):  # a runtime-only TVM cannot ask LLVM: trust the build
+        return None
+    if missing:
+        return (f"it was built for CPU '{recorded['mcpu']}' and uses instructions this CPU "
+                f"('{tvm.target.codegen.llvm_get_system_cpu()}') lacks: {', '.join(missing[:4])}")
+    return None

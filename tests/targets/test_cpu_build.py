@@ -1,0 +1,310 @@
+"""Target `cpu`: build a multi-width deployable, load it, run every sub-net, refuse what does not match.
+
+One untuned build of ResNet-20 (4 widths, ~35 s on 2 busy cores) is shared by the default tests; the
+MetaSchedule test is `slow`.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dyncompile.runtime as runtime
+from dyncompile.build import build, uniform_subnets
+from dyncompile.deployable import (LIBRARY, MANIFEST, WEIGHTS, DeployableError, ParamSlice, read_manifest,
+                                   record_latencies, write_deployable)
+from dyncompile.errors import ConfigError
+from dyncompile.measure import count_macs
+from dyncompile.passes.extract import extract_subnet
+from dyncompile.pipeline import analyse_model
+from dyncompile.targets import UnknownTargetError, get_target, known_targets
+from examples.zoo import ZOO
+from examples.zoo import build as build_zoo_model
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """Default BN statistics (0 mean, unit variance) would hide a wrongly sliced statistic."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    torch.manual_seed(0)
+    model = _randomise_norms(build_zoo_model("resnet20-cifar").eval())
+    dg = analyse_model(model, ZOO["resnet20-cifar"].input_shape)
+    subnets = uniform_subnets(dg)
+    result = build(dg, subnets, target="cpu")
+    out = write_deployable(tmp_path_factory.mktemp("deploy") / "cpu", result, dg, model={"zoo": "resnet20-cifar"})
+    return dg, subnets, result, out
+
+
+@pytest.fixture
+def copy_of(built, tmp_path):
+    def copy():
+        dst = tmp_path / "copy"
+        shutil.copytree(built[3], dst)
+        return dst
+    return copy
+
+
+def _flip_byte(path, offset_fraction=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ── the registry ──
+
+def test_registry_knows_cpu_and_names_the_known_targets_for_an_unknown_one():
+    assert "cpu" in known_targets()
+    assert get_target("cpu").name == "cpu"
+    with pytest.raises(UnknownTargetError, match="unknown target 'tpu'; known targets: ") as err:
+        get_target("tpu")
+    assert "cpu" in str(err.value).split("known targets: ")[1].split(", ")
+    assert issubclass(UnknownTargetError, ConfigError)
+
+
+def test_cpu_target_is_llvm_for_this_host():
+    import tvm
+
+    target = get_target("cpu").tvm_target()
+    assert target.kind.name == "llvm"
+    assert str(target.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu()
+    assert int(target.attrs["num-cores"]) == os.cpu_count()
+    with pytest.raises(ConfigError, match="does not know the CPU"):
+        get_target("cpu").tvm_target(mcpu="no-such-cpu")
+
+
+def test_bad_build_arguments_are_one_line_config_errors(built):
+    dg, subnets = built[0], built[1]
+    with pytest.raises(ConfigError, match="unknown target"):
+        build(dg, subnets, target="tpu")
+    with pytest.raises(ConfigError, match="tuning needs a database folder"):
+        build(dg, subnets, tune_trials=4)
+    with pytest.raises(ConfigError, match="not usable as a function name"):
+        build(dg, {"w-50": subnets["w50"]})
+
+
+# ── correctness ──
+
+def test_every_subnet_matches_pytorch(built):
+    dg, subnets, _, out = built
+    model = runtime.load(out, device="cpu")
+    assert [s.name for s in model.subnets] == ["w100", "w75", "w50", "w25"]
+    x = torch.randn(1, 3, 32, 32)
+    for name, config in subnets.items():
+        with torch.no_grad():
+            expected = extract_subnet(dg, config).eval()(x)
+        got = model.run(x, subnet=name)
+        assert isinstance(got, torch.Tensor)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=0), name
+        as_numpy = model.run(x.numpy(), subnet=name)  # numpy in, numpy out
+        assert isinstance(as_numpy, np.ndarray) and np.allclose(as_numpy, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_input_shape_is_checked(built):
+    model = runtime.load(built[3])
+    with pytest.raises(DeployableError, match="batch size is fixed"):
+        model.run(np.zeros((2, 3, 32, 32), np.float32), subnet="w50")
+    with pytest.raises(DeployableError, match="no sub-net 'w10'"):
+        model.run(np.zeros((1, 3, 32, 32), np.float32), subnet="w10")
+
+
+# ── the artifact ──
+
+def test_one_folder_one_library_weights_once(built):
+    dg, _, result, out = built
+    assert sorted(p.name for p in out.iterdir()) == sorted([LIBRARY, WEIGHTS, MANIFEST])
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
+    full_bytes = sum(t.numel() * t.element_size() for t in dg.gm.state_dict().values())
+    subnet_bytes = sum(sum(int(np.prod(p.shape)) * 4 for p in s.parameters) for s in result.subnets)
+    weights_on_disk = (out / WEIGHTS).stat().st_size
+    # ~1× the full model (npz adds a small header per tensor), far below the sum over sub-nets (~1.9×)
+    assert full_bytes <= weights_on_disk <= 1.05 * full_bytes + 200 * len(dg.gm.state_dict())
+    assert weights_on_disk < 0.6 * subnet_bytes
+    assert all(s.embedded_bytes <= 0.01 * full_bytes for s in result.subnets), "weights compiled into the library"
+
+
+def test_manifest_round_trip(built):
+    import tvm
+
+    dg, subnets, result, out = built
+    manifest = read_manifest(out)
+    assert manifest["target"]["name"] == "cpu" and manifest["target"]["device"] == "cpu"
+    assert manifest["target"]["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    assert manifest["versions"]["tvm"] == tvm.__version__ and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["input"] == {"shape": [1, 3, 32, 32], "dtype": "float32", "batch_size": 1}
+    assert manifest["model"] == {"zoo": "resnet20-cifar"}
+    assert set(manifest["files"]) == {LIBRARY, WEIGHTS}
+    with np.load(out / WEIGHTS, allow_pickle=False) as npz:
+        full = {k: npz[k] for k in npz.files}
+    for record in manifest["subnets"]:
+        config = subnets[record["name"]]
+        assert record["config"] == config and record["function"] == record["name"]
+        assert record["latency_ms"] is None and record["accuracy"] is None
+        sub = extract_subnet(dg, config).eval()
+        assert record["macs"] == count_macs(sub, (1, 3, 32, 32))
+        assert record["params"] == sum(p.numel() for p in sub.parameters())
+        state = sub.state_dict()
+        for p_json in record["parameters"]:
+            p = ParamSlice.from_json(p_json)
+            assert ParamSlice.from_json(json.loads(json.dumps(p.to_json()))) == p
+            assert np.array_equal(p.cut(full[p.source]), state[p.source].numpy()), (record["name"], p.source)
+    # the recipe is what lets narrower sub-nets reuse the full tensors: w50 cuts channels out of them
+    w50 = next(r for r in manifest["subnets"] if r["name"] == "w50")
+    assert any(i is not None for p in w50["parameters"] for i in p["index"])
+
+
+def test_rewriting_replaces_atomically_and_never_a_foreign_folder(built, tmp_path):
+    dg, _, result, _ = built
+    out = write_deployable(tmp_path / "cpu", result, dg)
+    (out / "stale.txt").write_text("from the previous build")
+    write_deployable(out, result, dg)  # replaces the existing deployable as a whole
+    assert sorted(p.name for p in out.iterdir()) == sorted([LIBRARY, WEIGHTS, MANIFEST])
+    read_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu"]
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(DeployableError, match="is not a deployable"):
+        write_deployable(foreign, result, dg)
+    assert (foreign / "cat.jpg").read_bytes() == b"meow"
+
+
+# ── refusals ──
+
+@pytest.mark.parametrize("file", [LIBRARY, WEIGHTS])
+def test_a_flipped_byte_is_refused(copy_of, file):
+    path = copy_of()
+    _flip_byte(path / file)
+    with pytest.raises(DeployableError, match=f"'{path / file}' does not match its manifest") as err:
+        runtime.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_weights_from_another_model_are_refused(copy_of):
+    path = copy_of()
+    with np.load(path / WEIGHTS, allow_pickle=False) as npz:
+        other = {k: np.zeros_like(npz[k]) for k in npz.files}
+    np.savez(path / WEIGHTS, **other)
+    with pytest.raises(DeployableError, match="SHA-256 mismatch"):
+        runtime.load(path)
+
+
+def test_a_missing_file_or_manifest_is_refused(copy_of, tmp_path):
+    path = copy_of()
+    (path / LIBRARY).unlink()
+    with pytest.raises(DeployableError, match="is missing"):
+        runtime.load(path)
+    with pytest.raises(DeployableError, match="no deployable at"):
+        runtime.load(tmp_path / "nowhere")
+
+
+def _edit_manifest(path, edit):
+    manifest = json.loads((path / MANIFEST).read_text())
+    edit(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_deployable_for_another_target_is_refused(copy_of, built):
+    with pytest.raises(DeployableError, match="not for device 'cuda'"):
+        runtime.load(built[3], device="cuda")
+    path = copy_of()
+    _edit_manifest(path, lambda m: m["target"].update(name="cuda", device="cuda"))
+    with pytest.raises(DeployableError, match="built for target 'cuda'"):
+        runtime.load(path, device="cpu")
+    _edit_manifest(path, lambda m: m["target"].update(name="cpu", device="cpu", mtriple="aarch64-linux-gnu"))
+    with pytest.raises(DeployableError, match="built for aarch64"):
+        runtime.load(path)
+    _edit_manifest(path, lambda m: m["target"].update(mtriple="x86_64-linux-gnu",
+                                                      isa_features=m["target"]["isa_features"] + ["sse9-imaginary"]))
+    with pytest.raises(DeployableError, match="lacks: sse9-imaginary"):
+        runtime.load(path)
+    _edit_manifest(path, lambda m: (m["target"].update(isa_features=[]), m["versions"].update(tvm="0.19.0")))
+    with pytest.raises(DeployableError, match="compiled with TVM 0.19.0"):
+        runtime.load(path)
+
+
+# ── choosing a sub-net by latency budget ──
+
+def test_budget_needs_measured_latencies(built):
+    with pytest.raises(DeployableError, match="no measured latencies"):
+        runtime.load(built[3]).run(np.zeros((1, 3, 32, 32), np.float32), budget_ms=5.0)
+
+
+def test_budget_picks_the_largest_subnet_that_fits(copy_of):
+    path = copy_of()
+    record_latencies(path, {"w100": 4.0, "w75": 2.5, "w50": 1.2, "w25": 0.5}, how={"statistic": "median"})
+    model = runtime.load(path)  # the manifest changed, the checksummed files did not
+    assert [s.latency_ms for s in model.subnets] == [4.0, 2.5, 1.2, 0.5]
+    assert model.select(10) == "w100"
+    assert model.select(3.0) == "w75"
+    assert model.select(1.2) == "w50"
+    assert model.select(0.5) == "w25"
+    with pytest.raises(DeployableError, match="no sub-net runs within 0.1 ms; the fastest, 'w25', takes 0.5 ms"):
+        model.select(0.1)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(model.run(x, budget_ms=3.0), model.run(x, subnet="w75"))
+    with pytest.raises(DeployableError, match="not both"):
+        model.run(x, subnet="w50", budget_ms=3.0)
+    with pytest.raises(DeployableError, match="no sub-net 'w10'"):
+        record_latencies(path, {"w10": 1.0})
+
+
+def test_budget_prefers_accuracy_when_every_subnet_has_one(copy_of):
+    path = copy_of()
+    record_latencies(path, {"w100": 4.0, "w75": 2.5, "w50": 1.2, "w25": 0.5})
+    accuracy = {"w100": 0.91, "w75": 0.92, "w50": 0.89, "w25": 0.80}  # a searched w75 may beat w100
+    _edit_manifest(path, lambda m: [s.update(accuracy=accuracy[s["name"]]) for s in m["subnets"]])
+    assert runtime.load(path).select(10) == "w75"
+
+
+def test_measured_latency_is_positive_and_recordable(built, copy_of):
+    model = runtime.load(built[3])
+    ms = model.latency_ms("w25", repeat=5, warmup=1)
+    assert ms > 0
+    path = copy_of()
+    record_latencies(path, {"w25": ms})
+    assert runtime.load(path).select(ms) == "w25"
+
+
+# ── tuning (slow) ──
+
+@pytest.mark.slow
+def test_tuning_is_applied_and_the_database_reused(tmp_path):
+    """8 trials per kernel on one small sub-net (~3 min on 2 cores); a second build tunes nothing."""
+    torch.manual_seed(0)
+    model = _randomise_norms(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval())
+    dg = analyse_model(model, (1, 3, 16, 16), groups=4)
+    subnets = {"w50": uniform_subnets(dg)["w50"]}
+    tuning_dir = tmp_path / "workspace" / "tuning" / "cpu"
+    first = build(dg, subnets, tune_trials=8, tuning_dir=tuning_dir)
+    assert first.tuning.tuned == first.tuning.tasks > 0 and first.tuning.reused == 0
+    assert first.subnets[0].tuned_kernels == first.subnets[0].kernels > 0
+    assert (tuning_dir / "database_tuning_record.json").stat().st_size > 0
+
+    second = build(dg, subnets, tune_trials=8, tuning_dir=tuning_dir)
+    assert second.tuning.tuned == 0 and second.tuning.reused == first.tuning.tasks
+    assert second.subnets[0].tuned_kernels == second.subnets[0].kernels
+
+    out = write_deployable(tmp_path / "deploy", second, dg)
+    assert read_manifest(out)["subnets"][0]["tuned_kernels"] == second.subnets[0].kernels
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = extract_subnet(dg, subnets["w50"]).eval()(x)
+    assert torch.allclose(runtime.load(out).run(x, subnet="w50"), expected, atol=1e-4, rtol=0)
