@@ -33,7 +33,7 @@ import numpy as np
 
 import dyncompile
 from dyncompile.errors import DyncompileError
-from dyncompile.fileio import sha256_file
+from dyncompile.fileio import check_checksums, sha256_file
 
 __all__ = ["DeployableError", "ParamSlice", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
            "write_deployable", "read_manifest", "record_latencies"]
@@ -206,13 +206,10 @@ def read_manifest(path: str | Path, *, verify_files: bool = True) -> dict:
         raise DeployableError(f"deployable '{path}' has format {manifest.get('format')}, this dyncompile reads "
                               f"{FORMAT_VERSION}; rebuild it with this version")
     if verify_files:
-        for name, digest in manifest.get("files", {}).items():
-            file = path / name
-            if not file.is_file():
-                raise DeployableError(f"deployable file '{file}' is missing; rebuild the deployable")
-            if sha256_file(file) != digest:
-                raise DeployableError(f"deployable file '{file}' does not match its manifest (SHA-256 mismatch: "
-                                      f"changed or from another build); rebuild the deployable")
+        check_checksums(path, manifest.get("files", {}), DeployableError,
+                        missing="deployable file '{file}' is missing; rebuild the deployable",
+                        changed="deployable file '{file}' does not match its manifest (SHA-256 mismatch: "
+                                "changed or from another build); rebuild the deployable")
         missing = {LIBRARY, WEIGHTS} - set(manifest.get("files", {}))
         if missing:
             raise DeployableError(f"the manifest of '{path}' has no checksum for {sorted(missing)[0]}; rebuild it")

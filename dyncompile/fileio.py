@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["sha256_file"]
+__all__ = ["sha256_file", "check_checksums"]
 
 
 def sha256_file(path: str | Path) -> str:
@@ -15,3 +15,14 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_checksums(folder: str | Path, files: dict[str, str], error: type[Exception], *, missing: str,
+                    changed: str) -> None:
+    """Raise `error` (message templates with {file}) for the first listed file that is missing or changed."""
+    for name, digest in files.items():
+        file = Path(folder) / name
+        if not file.is_file():
+            raise error(missing.format(file=file))
+        if sha256_file(file) != digest:
+            raise error(changed.format(file=file))

@@ -28,7 +28,7 @@ import torch
 
 import dyncompile
 from dyncompile.errors import WorkspaceError
-from dyncompile.fileio import sha256_file as _sha256
+from dyncompile.fileio import check_checksums, sha256_file as _sha256
 from dyncompile.graph_io import is_safe_module, load_graph_module, save_graph_module
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, import_factory
@@ -128,13 +128,10 @@ def read_spec(path: str | Path) -> dict:
         raise WorkspaceError(f"'{spec_path}' is not valid JSON ({exc}); re-run `dyncompile convert`") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT_VERSION:
         raise WorkspaceError(f"'{spec_path}' has an unknown format; re-run `dyncompile convert` with this version")
-    for name, digest in spec.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise WorkspaceError(f"workspace file '{file}' is missing; re-run `dyncompile convert`")
-        if _sha256(file) != digest:
-            raise WorkspaceError(f"workspace file '{file}' was changed after convert (SHA-256 mismatch); "
-                                 f"re-run `dyncompile convert`")
+    check_checksums(path, spec.get("files", {}), WorkspaceError,
+                    missing="workspace file '{file}' is missing; re-run `dyncompile convert`",
+                    changed="workspace file '{file}' was changed after convert (SHA-256 mismatch); "
+                            "re-run `dyncompile convert`")
     return spec
 
 
