@@ -61,7 +61,7 @@ def to_slimmable_layers(dg: DynGraph, gm: fx.GraphModule) -> fx.GraphModule:
         slim = _clone_as(module, slim_cls)
         if hasattr(slim, "out_group") and name in set_of_producer:
             _record_groups(dg, slim, name, set_of_producer[name])
-        gm.set_submodule(name, slim) if hasattr(gm, "set_submodule") else _set_submodule(gm, name, slim)
+        gm.set_submodule(name, slim)
     gm.recompile()
     return gm
 
@@ -84,11 +84,6 @@ def _record_groups(dg: DynGraph, layer: nn.Module, name: str, channel_set) -> No
     group_of_class = {c: i for i, g in enumerate(channel_set.groups) for c in g}
     layer.channel_set = channel_set.name
     layer.out_group.copy_(torch.tensor([group_of_class.get(int(c), -1) for c in vec]))
-
-
-def _set_submodule(gm: nn.Module, qualname: str, module: nn.Module) -> None:
-    parent_name, _, attr = qualname.rpartition(".")
-    setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
 
 
 def convert_to_slimmable(dg: DynGraph) -> fx.GraphModule:
