@@ -9,6 +9,7 @@ sizes written as constants in the model's code come out right. The batch dimensi
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from typing import Any
 
@@ -20,7 +21,7 @@ from dyncompile.errors import DyncompileError
 from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
 from dyncompile.passes.couple import has_torch_forward
 
-__all__ = ["extract_subnet", "ExtractionError"]
+__all__ = ["extract_subnet", "extract_with_indices", "index_probe", "slice_indices", "ExtractionError"]
 
 
 class ExtractionError(DyncompileError):
@@ -326,5 +327,84 @@ def extract_subnet(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule |
 
     `weights`: a copy of `dg.gm` with other weights (e.g. randomised statistics); default `dg.gm`.
     """
-    gm = _Extractor(dg, keep_mask(dg, config), weights).run()
+    with torch.no_grad():
+        gm = _Extractor(dg, keep_mask(dg, config), weights).run()
     return gm.train(dg.gm.training)
+
+
+def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    coords = []
+    for size in reversed(shape):
+        coords.append(flat % size)
+        flat = flat // size
+    return coords[::-1]
+
+
+def index_probe(weights: nn.Module) -> tuple[nn.Module, dict[str, tuple[int, ...]]]:
+    """A copy of `weights` whose floating tensors hold their own flat element indices (float64: exact)."""
+    probe = copy.deepcopy(weights)
+    shapes = {}
+    for name, t in list(probe.state_dict(keep_vars=True).items()):
+        if not t.is_floating_point():
+            continue
+        shapes[name] = tuple(t.shape)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = probe.get_submodule(owner_name) if owner_name else probe
+        flat = torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(flat, requires_grad=False)
+        else:
+            owner._buffers[leaf] = flat
+    return probe, shapes
+
+
+def extract_with_indices(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule | None = None,
+                         probe: tuple[nn.Module, dict] | None = None
+                         ) -> tuple[fx.GraphModule, dict[str, tuple[torch.Tensor | None, ...]]]:
+    """`extract_subnet` plus how it cut each floating tensor: state-dict name → kept indices per dim (None: all).
+
+    The cut is found by extracting from an `index_probe` of the weights (pass one in to reuse it) and reading
+    the indices back, so it can never disagree with `extract_subnet`; each is checked to be an outer-product
+    cut. The returned module then gets the real values. This lets training run a sub-net on *slices* of the
+    shared full weights (gradients flow back) and lets a deployable store the full weights once.
+    """
+    source = weights if weights is not None else dg.gm
+    probe_module, shapes = probe if probe is not None else index_probe(source)
+    sub = extract_subnet(dg, config, weights=probe_module)
+    full_state = source.state_dict()
+    recipes = {}
+    for name, t in list(sub.state_dict(keep_vars=True).items()):
+        if name not in shapes:
+            continue
+        shape = shapes[name]
+        got = t.detach().to(torch.int64)
+        coords = _unravel(got.reshape(-1), shape) if got.numel() else None
+        index = []
+        for d, size in enumerate(shape):
+            if coords is None:
+                index.append(torch.zeros(0, dtype=torch.int64))
+                continue
+            along = coords[d].reshape(got.shape)[(0,) * d + (slice(None),) + (0,) * (len(shape) - d - 1)]
+            index.append(None if len(along) == size and bool((along == torch.arange(size)).all()) else along.clone())
+        cut = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
+        real = full_state[name].detach()
+        for d, idx in enumerate(index):
+            if idx is not None:
+                cut = cut.index_select(d, idx)
+                real = real.index_select(d, idx)
+        if not torch.equal(cut, got):
+            raise ExtractionError(f"'{name}' is not an outer-product slice of the full tensor")
+        recipes[name] = tuple(index)
+        owner_name, _, leaf = name.rpartition(".")
+        owner = sub.get_submodule(owner_name) if owner_name else sub
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(real.clone(), requires_grad=t.requires_grad)
+        else:
+            owner._buffers[leaf] = real.clone()
+    return sub, recipes
+
+
+def slice_indices(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule | None = None
+                  ) -> dict[str, tuple[torch.Tensor | None, ...]]:
+    """How `extract_subnet` cuts each floating tensor (see `extract_with_indices`)."""
+    return extract_with_indices(dg, config, weights)[1]

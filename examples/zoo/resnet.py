@@ -79,18 +79,19 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, widths, stem: str, num_classes: int):
+    def __init__(self, block, layers, widths, stem: str, num_classes: int, in_channels: int = 3):
         super().__init__()
+        image_channels = in_channels
         stem_width = widths[0]
         if stem == "imagenet":
             self.stem = nn.Sequential(
-                nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False),
+                nn.Conv2d(image_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False),
                 nn.BatchNorm2d(stem_width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
             )
         else:
-            self.stem = nn.Sequential(conv3x3(3, stem_width), nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(conv3x3(image_channels, stem_width), nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True))
         in_channels = stem_width
         stages = []
         for index, (num_blocks, planes) in enumerate(zip(layers, widths)):
@@ -115,6 +116,11 @@ class ResNet(nn.Module):
 def resnet20_cifar(num_classes: int = 10) -> nn.Module:
     """ResNet-20 (3x3 basic blocks), widths 16/32/64, option-B projections at the two stage changes."""
     return ResNet(BasicBlock, (3, 3, 3), (16, 32, 64), stem="cifar", num_classes=num_classes)
+
+
+def resnet20_fashion(num_classes: int = 10) -> nn.Module:
+    """ResNet-20 for 1×28×28 greyscale images (Fashion-MNIST): the search benchmark's and demo's model."""
+    return ResNet(BasicBlock, (3, 3, 3), (16, 32, 64), stem="cifar", num_classes=num_classes, in_channels=1)
 
 
 def resnet29_bottleneck_cifar(num_classes: int = 10) -> nn.Module:

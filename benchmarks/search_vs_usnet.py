@@ -1,0 +1,182 @@
+"""Progressive sub-network search vs the US-Nets baseline, on real Fashion-MNIST (issue 3's evidence).
+
+    python benchmarks/search_vs_usnet.py --seeds 0,1,2 --train-limit 10000 --epochs 3
+
+1. Trains the in-repo ResNet-20 (1×28×28, `examples.zoo.resnet:resnet20_fashion`) at full width once, and
+   converts it (`dyncompile convert ... --groups 8`): both methods start from this same trained model.
+2. For every seed, runs `--method usnet` and `--method progressive` on a fresh copy of that workspace with the
+   same data subset, epochs, optimizer and seed (the progressive run also spends its noise-ranking pass and
+   fine-tunes, which the wall time column shows).
+3. Prints, per requested budget, each method's measured MACs fraction and test accuracy (mean ± std over the
+   seeds), the difference, and wall times; writes everything to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dyncompile.data import loader, open_dataset  # noqa: E402
+from dyncompile.search.run import SearchOptions, SearchRun  # noqa: E402
+from dyncompile.search.train import cosine_lr, make_optimizer  # noqa: E402
+from examples.zoo.resnet import resnet20_fashion  # noqa: E402
+
+INPUT_SHAPE = (1, 1, 28, 28)
+
+
+def train_full_model(path: Path, *, train_limit: int, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
+    """Plain full-width training (the user's 'already trained' model); returns its test accuracy and time."""
+    torch.manual_seed(seed)
+    model = resnet20_fashion()
+    splits = open_dataset("fashion-mnist", input_shape=INPUT_SHAPE, train_limit=train_limit, seed=seed)
+    optimizer = make_optimizer(dict(model.named_parameters()), lr=lr)
+    steps_per_epoch = math.ceil(len(splits.train) / batch_size)
+    total, step, start = epochs * steps_per_epoch, 0, time.time()
+    model.train()
+    for epoch in range(epochs):
+        for x, y in loader(splits.train, batch_size, shuffle=True, seed=seed, epoch=epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, step, total)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            step += 1
+        print(f"  full-width training: epoch {epoch + 1}/{epochs} done ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for x, y in loader(splits.test, 500, shuffle=False):
+            correct += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
+    torch.save(model.state_dict(), path)
+    return {"test_accuracy": correct / seen, "seconds": round(time.time() - start, 1), "epochs": epochs}
+
+
+def convert(state_dict: Path, workspace: Path, groups: int) -> None:
+    cmd = [sys.executable, "-m", "dyncompile.cli", "convert", str(state_dict), "--arch",
+           "examples.zoo.resnet:resnet20_fashion", "--input-shape", ",".join(map(str, INPUT_SHAPE)),
+           "--groups", str(groups), "--workspace", str(workspace), "--json"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def run_method(base: Path, work: Path, method: str, seed: int, args) -> dict:
+    ws = work / f"{method}-seed{seed}"
+    shutil.rmtree(ws, ignore_errors=True)
+    shutil.copytree(base, ws)
+    options = SearchOptions(method=method, seed=seed, epochs=args.epochs, train_limit=args.train_limit,
+                            val_limit=args.val_limit, subnets=tuple(args.subnets), batch_size=args.batch_size,
+                            lr=args.lr, train_full=0, rank=args.rank, rank_direction=args.rank_direction)
+    last = {"t": 0.0}
+
+    def progress(kind, **info):
+        if kind == "event" and info["event"] in ("step", "finetune", "rank", "select", "usnet-train", "joint-train"):
+            if info["event"] != "step" or info["time_s"] - last["t"] > 30:
+                last["t"] = info["time_s"]
+                print(f"    [{method} seed {seed}] {json.dumps({k: v for k, v in info.items() if k not in ('scores', 'order', 'chosen')})[:160]}",
+                      flush=True)
+
+    start = time.time()
+    result = SearchRun(ws, options, progress=progress).run()
+    wall = time.time() - start
+    finetunes = [e for e in result.history if e["event"] == "finetune"]
+    return {"method": method, "seed": seed, "wall_s": round(wall, 1), "finetunes": len(finetunes),
+            "subnets": {f"{s.budget:g}": {"macs_fraction": s.macs_fraction, "accuracy": s.accuracy,
+                                          "config": s.config} for s in result.subnets}}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(runs: list[dict], budgets: list[float]) -> list[dict]:
+    rows = []
+    for b in budgets:
+        key = f"{b:g}"
+        row = {"budget": b}
+        for method in ("usnet", "progressive"):
+            rs = [r for r in runs if r["method"] == method]
+            row[method] = {"accuracy": _mean_std([r["subnets"][key]["accuracy"] for r in rs]),
+                           "macs_fraction": _mean_std([r["subnets"][key]["macs_fraction"] for r in rs]),
+                           "per_seed": [r["subnets"][key]["accuracy"] for r in rs]}
+        row["difference"] = row["progressive"]["accuracy"][0] - row["usnet"]["accuracy"][0]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--train-limit", type=int, default=10000)
+    p.add_argument("--val-limit", type=int, default=None, help="test images (default: all 10,000)")
+    p.add_argument("--epochs", type=float, default=3.0, help="multi-sub-net training epochs (both methods)")
+    p.add_argument("--full-epochs", type=int, default=5, help="full-width training of the shared starting model")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--subnets", default="0.1,0.25,0.5,1.0")
+    p.add_argument("--rank", default="noise")
+    p.add_argument("--rank-direction", default="tolerant-first")
+    p.add_argument("--methods", default="usnet,progressive")
+    p.add_argument("--work", type=Path, default=Path("/tmp/dyncompile-bench-search"))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search_vs_usnet.json")
+    args = p.parse_args()
+    args.subnets = [float(b) for b in args.subnets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    base, weights = args.work / "base-workspace", args.work / "full.pt"
+    print(f"1. training the shared full model ({args.full_epochs} epochs, {args.train_limit} images)", flush=True)
+    full = train_full_model(weights, train_limit=args.train_limit, epochs=args.full_epochs, batch_size=args.batch_size,
+                            lr=0.1, seed=0)
+    print(f"   full model: {100 * full['test_accuracy']:.2f}% test accuracy, {full['seconds']:.0f} s", flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+    convert(weights, base, args.groups)
+
+    runs = []
+    for seed in seeds:
+        for method in args.methods.split(","):
+            print(f"2. seed {seed}: {method}", flush=True)
+            runs.append(run_method(base, args.work, method, seed, args))
+            r = runs[-1]
+            print(f"   {method} seed {seed}: " + ", ".join(f"{b}: {100 * s['accuracy']:.2f}% @ {100 * s['macs_fraction']:.1f}% MACs"
+                                                         for b, s in r["subnets"].items()) + f" ({r['wall_s']:.0f} s)", flush=True)
+
+    rows = table(runs, args.subnets)
+    print()
+    print(f"ResNet-20 on Fashion-MNIST ({args.train_limit} training images, full test set"
+          f"{'' if args.val_limit is None else f' cut to {args.val_limit}'}), groups {args.groups}, "
+          f"{args.epochs:g} epochs, seeds {args.seeds}; mean ± std over seeds")
+    print(f"{'budget':>7} | {'US-Nets MACs':>12} | {'US-Nets acc':>14} | {'prog. MACs':>10} | {'progressive acc':>15} | {'diff':>6}")
+    for row in rows:
+        u, pr = row["usnet"], row["progressive"]
+        print(f"{100 * row['budget']:6.0f}% | {100 * u['macs_fraction'][0]:11.1f}% | {100 * u['accuracy'][0]:7.2f} ± {100 * u['accuracy'][1]:4.2f} | "
+              f"{100 * pr['macs_fraction'][0]:9.1f}% | {100 * pr['accuracy'][0]:8.2f} ± {100 * pr['accuracy'][1]:4.2f} | {100 * row['difference']:+5.2f}")
+    for method in ("usnet", "progressive"):
+        walls = [r["wall_s"] for r in runs if r["method"] == method]
+        if walls:
+            print(f"wall time {method}: {statistics.mean(walls):.0f} s per seed")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": " ".join(sys.argv), "full_model": full, "runs": runs, "table": rows,
+              "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The progressive sub-network search (Yang, He, Cao & Fan, arXiv 2009.05681), as phases of a `SearchRun`.
+
+1. rank      order each set's channel groups (noise or L1, see `rank.py`); groups are then in that order, so
+             every sub-net keeps a prefix of each set and the whole chain is nested by construction.
+2. search    shrink from the full model: each step tries dropping the next group of every set not at its floor,
+             scores each candidate on the held-out search split (BN on batch statistics), commits the best.
+             Every committed step is a candidate sub-net. Below the fine-tuning threshold, the current sub-net
+             is fine-tuned jointly with the larger ones until it is back over it (or the epoch cap).
+3. select    drop candidates dominated by a smaller, more accurate one (those measured just before a
+             fine-tune); per requested budget keep the most accurate candidate within ±tolerance MACs.
+4. joint     multi-sub-net training: largest on labels, smallest and two chain members distilled from it.
+5. calibrate BN statistics per chosen sub-net, then the test split.
+
+`shrink_candidates`, `floor_groups`, `filter_chain` and `select_for_budgets` are plain functions (tested alone).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dyncompile.errors import ConfigError
+from dyncompile.ir import ChannelSet, DynGraph, SubnetConfig
+from dyncompile.search.rank import NoiseScales, group_order, l1_scores
+from dyncompile.search.result import SearchResult
+from dyncompile.search.subnets import full_config
+
+__all__ = ["floor_groups", "shrink_candidates", "filter_chain", "select_for_budgets", "run_progressive"]
+
+
+def floor_groups(s: ChannelSet, floor: float) -> int:
+    """Fewest leading groups that still hold `floor` of the set's channels (at least one)."""
+    need = floor * sum(s.group_channels)
+    total = 0
+    for k, channels in enumerate(s.group_channels, 1):
+        total += channels
+        if total >= need - 1e-9:
+            return k
+    return len(s.groups)
+
+
+def shrink_candidates(dg: DynGraph, config: SubnetConfig, floor: float) -> list[tuple[str, SubnetConfig]]:
+    """Every one-group-smaller neighbour of `config` (set name, config), sets at their floor excluded."""
+    out = []
+    for s in dg.free_sets:
+        kept = config.get(s.name, len(s.groups))
+        if kept - 1 >= floor_groups(s, floor):
+            out.append((s.name, {**config, s.name: kept - 1}))
+    return out
+
+
+def filter_chain(chain: list[dict]) -> list[dict]:
+    """Keep the monotone chain: a candidate survives only if it beats every smaller candidate's accuracy.
+
+    `chain` is in search order (largest first), each with "macs_fraction" and "accuracy"; the first entry (the
+    full model, the distillation teacher) always stays."""
+    kept = []
+    best_smaller = -1.0
+    for entry in sorted(chain[1:], key=lambda e: e["macs_fraction"]):
+        if entry["accuracy"] > best_smaller:
+            kept.append(entry)
+            best_smaller = entry["accuracy"]
+    return [chain[0], *sorted(kept, key=lambda e: -e["macs_fraction"])]
+
+
+def select_for_budgets(chain: list[dict], budgets: list[float], tolerance: float) -> dict[float, dict]:
+    """Per budget: the most accurate candidate within ±tolerance MACs fraction; if none is that close, the
+    largest one under the budget. Raises ConfigError when no candidate is at or under budget + tolerance."""
+    chosen = {}
+    for b in budgets:
+        window = [e for e in chain if abs(e["macs_fraction"] - b) <= tolerance + 1e-9]
+        if window:
+            chosen[b] = max(window, key=lambda e: (e["accuracy"], -e["macs_fraction"]))
+            continue
+        under = [e for e in chain if e["macs_fraction"] <= b]
+        if not under:
+            smallest = min(e["macs_fraction"] for e in chain)
+            raise ConfigError(f"no sub-net fits {b:.0%} of the full MACs: the smallest the search reached is "
+                              f"{smallest:.1%}; lower --floor or ask for a larger budget")
+        chosen[b] = max(under, key=lambda e: e["macs_fraction"])
+    return chosen
+
+
+def _check_budgets_reachable(run) -> None:
+    o = run.options
+    floor_config = {s.name: floor_groups(s, o.floor) for s in run.dg.free_sets}
+    smallest = run.macs(floor_config) / run.full_macs
+    too_small = [b for b in o.subnets if b + o.tolerance < smallest]
+    if too_small:
+        raise ConfigError(f"--subnets {min(too_small):g} cannot be met: with every set at its floor "
+                          f"({o.floor:.0%} of its channels) the model keeps {smallest:.1%} of its MACs; "
+                          f"lower --floor or ask for a larger budget")
+
+
+def _rank(run) -> None:
+    o, v = run.options, run.state["values"]
+    if not run.phase("rank"):
+        return
+    if o.rank == "l1":
+        scores = l1_scores(run.dg, run.net.full)
+    else:
+        scales = NoiseScales(run.dg, o.noise_init)
+        run.train("rank-noise", o.noise_epochs, lambda step, gen: [None], lr=o.noise_lr, scales=scales,
+                  distill=False, label="noise ranking")
+        scores = scales.scores()
+    order = group_order(scores, rank=o.rank, direction=o.rank_direction)
+    v["group_order"] = order
+    run.reorder_groups(order)
+    run.event("rank", rank=o.rank, direction=o.rank_direction,
+              scores={k: [round(x, 5) for x in s] for k, s in scores.items()}, order=order)
+    run.finish_phase("rank")
+
+
+def _search(run) -> None:
+    o, v = run.options, run.state["values"]
+    if not run.phase("search"):
+        return
+    s = v.setdefault("search", None)
+    if s is None:
+        full_acc = run.accuracy(None, "search", bn="batch")
+        threshold = full_acc - o.finetune_threshold if o.threshold_mode == "drop" else o.finetune_threshold
+        s = v["search"] = {"config": full_config(run.dg), "step": 0, "threshold": threshold, "finetune": None,
+                           "chain": [{"step": 0, "config": full_config(run.dg), "macs_fraction": 1.0,
+                                      "accuracy": full_acc, "dropped": None}]}
+        run.event("search-start", search_accuracy=full_acc, threshold=threshold)
+    smallest_budget = min(o.subnets)
+    spe = run.steps_per_epoch()
+    while True:
+        if s["finetune"] is not None:
+            _finetune(run, s, spe)
+            continue
+        current = s["config"]
+        if run.macs(current) / run.full_macs < smallest_budget - 1e-9:
+            break
+        candidates = shrink_candidates(run.dg, current, o.floor)
+        if not candidates:
+            break
+        scored = []
+        for set_name, cand in candidates:
+            acc = run.accuracy(cand, "search", bn="batch")
+            macs = run.macs(cand) / run.full_macs
+            scored.append((acc, -macs, set_name, cand))
+            run.event("eval", split="search", step=s["step"] + 1, dropped=set_name, macs_fraction=round(macs, 4),
+                      accuracy=acc)
+            run.progress("search", step=s["step"] + 1, candidate=set_name, macs=macs, accuracy=acc)
+        acc, neg_macs, set_name, best = max(scored, key=lambda t: (t[0], t[1]))
+        s["step"] += 1
+        s["config"] = best
+        s["chain"].append({"step": s["step"], "config": best, "macs_fraction": -neg_macs, "accuracy": acc,
+                           "dropped": set_name})
+        run.event("step", step=s["step"], dropped=set_name, macs_fraction=round(-neg_macs, 4), accuracy=acc,
+                  candidates=len(candidates))
+        if acc < s["threshold"]:
+            s["finetune"] = {"step": s["step"], "before": acc}
+        run.save()
+    run.finish_phase("search")
+
+
+def _finetune(run, s: dict, spe: int) -> None:
+    """Fine-tune the current sub-net jointly with the larger chain members until it is over the threshold."""
+    o = run.options
+    current = s["config"]
+    larger = [e["config"] for e in s["chain"][1:-1]]
+    info = s["finetune"]
+    passed = {"acc": None}
+
+    def configs_for(step, gen):
+        configs = [None, current]
+        if larger:
+            configs.append(larger[int(torch.randint(len(larger), (), generator=gen))])
+        return configs
+
+    def check(step):
+        passed["acc"] = run.accuracy(current, "search", bn="batch")
+        run.event("eval", split="search", step=s["step"], finetune_step=step, accuracy=passed["acc"])
+        return passed["acc"] >= s["threshold"]
+
+    checks = max(1, o.finetune_checks)
+    steps = run.train(f"finetune-{info['step']}", o.finetune_epochs, configs_for, lr=o.finetune_lr, check=check,
+                      check_every=max(1, spe // checks), label=f"fine-tune step {info['step']}")
+    after = run.accuracy(current, "search", bn="batch")
+    s["chain"][-1]["accuracy_before_finetune"] = info["before"]
+    s["chain"][-1]["accuracy"] = after
+    s["chain"][-1]["finetune_steps"] = steps
+    run.event("finetune", step=info["step"], before=info["before"], after=after, steps=steps,
+              epochs=round(steps / spe, 3), threshold=s["threshold"], reached=after >= s["threshold"])
+    s["finetune"] = None
+    run.save()
+
+
+def _select(run) -> None:
+    o, v = run.options, run.state["values"]
+    if not run.phase("select"):
+        return
+    chain = v["search"]["chain"]
+    filtered = filter_chain(chain)
+    chosen = select_for_budgets(filtered, sorted(o.subnets), o.tolerance)
+    v["filtered_steps"] = [e["step"] for e in filtered]
+    v["chosen"] = {str(b): e["step"] for b, e in chosen.items()}
+    run.event("select", candidates=len(chain), kept=len(filtered),
+              chosen={f"{b:g}": {"step": e["step"], "macs_fraction": round(e["macs_fraction"], 4),
+                                 "search_accuracy": e["accuracy"]} for b, e in chosen.items()})
+    run.finish_phase("select")
+
+
+def _joint_train(run) -> None:
+    o, v = run.options, run.state["values"]
+    if not run.phase("joint-train") or o.epochs <= 0:
+        return
+    by_step = {e["step"]: e for e in v["search"]["chain"]}
+    filtered = [by_step[i]["config"] for i in v["filtered_steps"]]
+    smallest = filtered[-1]
+    middle = filtered[1:-1] or filtered[-1:]
+
+    def configs_for(step, gen):
+        picks = torch.randint(len(middle), (2,), generator=gen).tolist()
+        return [None, smallest, *(middle[i] for i in picks)]
+
+    run.train("joint", o.epochs, configs_for, lr=o.lr, label="joint training")
+    run.event("joint-train", epochs=o.epochs, subnets=len(filtered))
+    run.finish_phase("joint-train")
+
+
+def run_progressive(run) -> SearchResult:
+    from dyncompile.search.run import subnet_name
+
+    o = run.options
+    _check_budgets_reachable(run)
+    run.measure_given_model()
+    _rank(run)
+    _search(run)
+    _select(run)
+    _joint_train(run)
+    v = run.state["values"]
+    by_step = {e["step"]: e for e in v["search"]["chain"]}
+    records = []
+    for b in sorted(o.subnets, reverse=True):
+        entry = by_step[v["chosen"][str(b)]]
+        records.append(run.record(subnet_name(b), entry["config"], b, search_accuracy=entry["accuracy"]))
+    return run.finish(records, v["group_order"])

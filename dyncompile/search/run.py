@@ -1,0 +1,356 @@
+"""A search run: the options, the phases in order, and what they share (weights, data, checkpoint, log).
+
+    SearchRun(workspace, options).run()
+        progressive: [train-full] → measure → rank → search (+ fine-tunes) → select → joint-train → calibrate
+        usnet:       [train-full] → measure → usnet-train → calibrate (widths closest to each budget)
+
+Each phase is a method that first checks whether the checkpoint says it is already done, so a killed run
+resumes where it stopped (`resume=True`) and ends with the same sub-nets and accuracies (see `train.py` for why
+that holds). Every evaluation and phase event goes to `<workspace>/search/<method>/log.jsonl` and, summarised,
+to `SearchResult.history`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dyncompile.data import Splits, loader, open_dataset
+from dyncompile.errors import ConfigError
+from dyncompile.ir import DynGraph, SubnetConfig
+from dyncompile.measure import count_macs, count_params
+from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
+from dyncompile.search.subnets import SharedSubnets, accuracy, calibrate, config_key, full_config
+from dyncompile.search.train import Checkpoint, EventLog, Processes, cosine_lr, make_optimizer, multi_subnet_step, step_generator
+from dyncompile.workspace import load_workspace
+
+__all__ = ["SearchOptions", "SearchRun", "run_search"]
+
+METHODS = ("progressive", "usnet")
+
+
+@dataclass
+class SearchOptions:
+    """Every choice of the search, named, with the defaults documented in docs/search.md."""
+
+    method: str = "progressive"
+    data: str = "fashion-mnist"
+    subnets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # requested MACs fractions of the full model
+    epochs: float = 5.0  # final joint training (progressive) / US-Nets training
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    train_limit: int | None = None
+    val_limit: int | None = None
+    search_fraction: float = 0.1
+    search_limit: int | None = None
+    train_full: float | None = None  # epochs at full width first; None: only if the model looks untrained
+    train_full_lr: float = 0.1
+    # ranking
+    rank: str = "noise"
+    rank_direction: str = "tolerant-first"
+    noise_init: float = 0.25
+    noise_epochs: float = 1.0
+    noise_lr: float = 0.05
+    # progressive search
+    floor: float = 0.25  # smallest fraction of a set's channels the search may keep
+    finetune_threshold: float = 0.05  # see threshold_mode
+    threshold_mode: str = "drop"  # "drop": full search accuracy minus T; "absolute": accuracy T
+    finetune_epochs: float = 1.0  # cap per fine-tune
+    finetune_checks: int = 4  # accuracy checks per fine-tune epoch (stop once back over the threshold)
+    finetune_lr: float = 0.01
+    tolerance: float = 0.05  # re-selection window around each budget, in MACs fraction
+    # US-Nets
+    min_width: float = 0.25
+    sandwich_random: int = 2  # random sub-nets per step besides the largest and the smallest
+    # BN calibration and evaluation
+    calibration_images: int = 2048
+    eval_batch_size: int = 500
+    checkpoint_every_s: float = 60.0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method '{self.method}' is unknown; use one of {', '.join(METHODS)}")
+        if self.rank not in ("noise", "l1"):
+            raise ConfigError(f"--rank '{self.rank}' is unknown; use noise or l1")
+        if self.rank_direction not in ("tolerant-first", "sensitive-first"):
+            raise ConfigError(f"--rank-direction '{self.rank_direction}' is unknown; use tolerant-first or sensitive-first")
+        if self.threshold_mode not in ("drop", "absolute"):
+            raise ConfigError(f"--threshold-mode '{self.threshold_mode}' is unknown; use drop or absolute")
+        if not self.subnets or any(not 0 < b <= 1 for b in self.subnets):
+            raise ConfigError(f"--subnets must be MACs fractions in (0, 1], like 0.25,0.5,0.75,1.0; got {self.subnets}")
+        if self.batch_size < 1 or self.epochs < 0:
+            raise ConfigError("--batch-size must be positive and --epochs not negative")
+        if not 0 < self.floor <= 1 or not 0 < self.min_width <= 1:
+            raise ConfigError("--floor and --min-width must be fractions in (0, 1]")
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed (everything that changes the outcome)."""
+        d = asdict(self)
+        d.pop("checkpoint_every_s")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SearchRun:
+    """One `dyncompile search` invocation. `progress(kind, **info)` receives live updates (the CLI draws them)."""
+
+    def __init__(self, workspace: str | Path, options: SearchOptions, *, resume: bool = False,
+                 progress: Callable[..., None] | None = None, procs: Processes | None = None):
+        options.check()
+        self.options = o = options
+        self.workspace = Path(workspace)
+        self.procs = procs or Processes.from_environment()
+        self.progress = progress or (lambda kind, **info: None)
+        ws = load_workspace(self.workspace)
+        self.spec = ws.spec
+        self.dg: DynGraph = ws.dg
+        if not self.dg.free_sets:
+            raise ConfigError("the converted model has no free channel set to search (see `dyncompile inspect`)")
+        self.splits: Splits = open_dataset(o.data, input_shape=self.dg.input_shape, train_limit=o.train_limit,
+                                           val_limit=o.val_limit, search_fraction=o.search_fraction,
+                                           search_limit=o.search_limit, seed=o.seed)
+        self.net = SharedSubnets(self.dg)
+        self.procs.broadcast_module(self.net.full)
+        self.folder = result_dir(self.workspace, o.method)
+        self.checkpoint = Checkpoint(self.folder, o.fingerprint(), self.procs, o.checkpoint_every_s)
+        self.log = EventLog(self.folder / "log.jsonl", self.procs)
+        self.state: dict[str, Any] = {"done": [], "history": [], "train": None, "values": {}, "log_lines": 0}
+        self._macs_cache: dict[tuple, int] = {}
+        self._started = time.monotonic()
+        if resume:
+            saved = self.checkpoint.load()
+            if saved is not None:
+                self._restore(saved)
+        self.log.reset(self.state["log_lines"])
+        self.full_macs = self.macs(None)
+
+    # ── state, checkpoint, log ──
+
+    def _restore(self, saved: dict) -> None:
+        self.net.full.load_state_dict(saved["model"])
+        self.state = saved["state"]
+        self.state["wall_s_base"] = self.state.get("wall_s_saved", 0.0)
+        self.state["optimizer"] = saved.get("optimizer")
+        self.state["extra"] = saved.get("extra")
+        order = self.state["values"].get("group_order")
+        if order:
+            self.reorder_groups(order)
+        self.resumed_from = list(self.state["done"])
+
+    def save(self, *, optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
+        self.state["log_lines"] = self.log.count
+        self.state["wall_s_saved"] = self.wall_s
+        state = {k: v for k, v in self.state.items() if k not in ("optimizer", "extra")}
+        self.checkpoint.save({"model": self.net.full.state_dict(), "state": state,
+                              "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                              "extra": extra})
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds spent on this run, over every resumed attempt."""
+        return self.state.get("wall_s_base", 0.0) + time.monotonic() - self._started
+
+    def event(self, kind: str, **info) -> None:
+        record = {"event": kind, "time_s": round(self.wall_s, 2), **info}
+        self.log.write(record)
+        if kind not in ("eval",):
+            self.state["history"].append(record)
+        self.progress("event", **record)
+
+    def phase(self, name: str) -> bool:
+        """True if phase `name` still has to run (not recorded as done by the checkpoint)."""
+        return name not in self.state["done"]
+
+    def finish_phase(self, name: str) -> None:
+        self.state["done"].append(name)
+        self.state["train"] = None
+        self.save()
+
+    # ── models, costs and accuracies ──
+
+    def reorder_groups(self, order: dict[str, list[int]]) -> None:
+        """Put every set's groups in search order (logically permuting channels): sub-nets are prefixes."""
+        for s in self.dg.sets:
+            if s.name in order and not getattr(s, "_dyncompile_ordered", False):
+                s.groups = [s.groups[i] for i in order[s.name]]
+                s.group_channels = [s.group_channels[i] for i in order[s.name]]
+                s._dyncompile_ordered = True
+        self.net._skeletons.clear()
+
+    def macs(self, config: SubnetConfig | None) -> int:
+        key = config_key(self.dg, config)
+        if key not in self._macs_cache:
+            self._macs_cache[key] = count_macs(self.net.skeleton(config).module, (1, *self.dg.input_shape[1:]))
+        return self._macs_cache[key]
+
+    def batches(self, split: str, *, limit: int | None = None, labels: bool = True):
+        dataset = getattr(self.splits, split)
+        for i, (x, y) in enumerate(loader(dataset, self.options.eval_batch_size, shuffle=False,
+                                          rank=self.procs.rank, world_size=self.procs.world_size)):
+            if limit is not None and i * self.options.eval_batch_size >= limit:
+                break
+            yield (x, y) if labels else x
+
+    def accuracy(self, config: SubnetConfig | None, split: str = "search", *, bn: str = "batch") -> float:
+        return accuracy(self.net, config, self.batches(split), bn=bn, reduce=self.procs.sum)
+
+    def calibrate(self, config: SubnetConfig | None) -> tuple[dict[str, torch.Tensor], int]:
+        return calibrate(self.net, config, self._calibration_batches(), reduce=self.procs.mean)
+
+    def _calibration_batches(self):
+        o = self.options
+        per_rank = math.ceil(o.calibration_images / self.procs.world_size)
+        seen = 0
+        for x, _ in loader(self.splits.train, o.eval_batch_size, shuffle=True, seed=o.seed, epoch=10_000,
+                           rank=self.procs.rank, world_size=self.procs.world_size):
+            if seen >= per_rank:
+                break
+            x = x[: per_rank - seen]
+            seen += len(x)
+            yield x
+
+    def record(self, name: str, config: SubnetConfig | None, budget: float | None,
+               search_accuracy: float | None = None) -> tuple[SubnetRecord, dict[str, torch.Tensor]]:
+        """Calibrate the sub-net's BN statistics, then measure it on the test split."""
+        stats, _ = self.calibrate(config)
+        acc = self.accuracy(config, "test", bn="stored")
+        macs = self.macs(config)
+        rec = SubnetRecord(name=name, config=dict(config or full_config(self.dg)), macs=macs,
+                           macs_fraction=macs / self.full_macs, params=count_params(self.net.skeleton(config).module),
+                           accuracy=acc, budget=budget, search_accuracy=search_accuracy)
+        self.event("eval", split="test", subnet=name, macs_fraction=round(rec.macs_fraction, 4), accuracy=acc)
+        return rec, stats
+
+    # ── the resumable training loop every phase uses ──
+
+    def steps_per_epoch(self) -> int:
+        per_rank = math.ceil(self.options.batch_size / self.procs.world_size)
+        return math.ceil(math.ceil(len(self.splits.train) / self.procs.world_size) / per_rank)
+
+    def train(self, run_id: str, epochs: float, configs_for: Callable[[int, torch.Generator], list], *, lr: float,
+              distill: bool = True, scales=None, check: Callable[[int], bool] | None = None,
+              check_every: int = 0, weight_decay: float | None = None, label: str = "") -> int:
+        """Train `epochs` over the training split; every step trains the sub-nets `configs_for(step, gen)`
+        returns (largest first). `check(step)` every `check_every` steps may stop early (returns True).
+        Resumes inside the loop from the checkpoint. Returns the steps done."""
+        o = self.options
+        spe = self.steps_per_epoch()
+        total = max(1, round(epochs * spe))
+        params = dict(self.net.full.named_parameters())
+        if scales is not None:
+            for p in params.values():
+                p.requires_grad_(False)
+            optimizer = torch.optim.SGD(scales.parameters(), lr=lr, momentum=o.momentum, nesterov=True)
+        else:
+            optimizer = make_optimizer(params, lr=lr, momentum=o.momentum,
+                                       weight_decay=o.weight_decay if weight_decay is None else weight_decay)
+        step = 0
+        train_state = self.state.get("train")
+        if train_state and train_state["id"] == run_id:
+            step = train_state["step"]
+            if self.state.get("optimizer"):
+                optimizer.load_state_dict(self.state["optimizer"])
+            if scales is not None and self.state.get("extra"):
+                scales.load_state_dict(self.state["extra"]["scales"])
+        self.state["optimizer"] = None
+        per_rank = math.ceil(o.batch_size / self.procs.world_size)
+        self.net.train()
+        stopped = False
+        try:
+            while step < total and not stopped:
+                epoch, start = divmod(step, spe)
+                for x, y in loader(self.splits.train, per_rank, shuffle=True, seed=o.seed, epoch=epoch,
+                                   start_batch=start, rank=self.procs.rank, world_size=self.procs.world_size):
+                    gen = step_generator(o.seed, run_id, step)
+                    configs = configs_for(step, gen)
+                    for group in optimizer.param_groups:
+                        group["lr"] = cosine_lr(lr, step, total)
+                    if scales is not None:
+                        scales.generator = gen
+                    losses = multi_subnet_step(self.net, optimizer, x, y, configs, procs=self.procs, distill=distill,
+                                               transform=scales.transform if scales is not None else None)
+                    step += 1
+                    self.progress("train", id=run_id, label=label or run_id, step=step, total=total,
+                                  loss=losses["largest"], macs=[self.macs(c) / self.full_macs for c in configs[1:2]])
+                    if check is not None and check_every and step % check_every == 0 and step < total:
+                        self.net.eval()
+                        stopped = check(step)
+                        self.net.train()
+                    if step >= total or stopped:
+                        break
+                    if self.checkpoint.due():
+                        self.state["train"] = {"id": run_id, "step": step}
+                        self.save(optimizer=optimizer,
+                                  extra={"scales": scales.state_dict()} if scales is not None else None)
+        finally:
+            if scales is not None:
+                for p in params.values():
+                    p.requires_grad_(True)
+            self.net.eval()
+        self.state["train"] = None
+        return step
+
+    # ── phases shared by both methods ──
+
+    def measure_given_model(self) -> None:
+        """Accuracy of the model as given (its own BN statistics); train it first if it looks untrained."""
+        if self.phase("measure"):
+            v = self.state["values"]
+            v["given_test_accuracy"] = self.accuracy(None, "test", bn="stored")
+            v["given_search_accuracy"] = self.accuracy(None, "search", bn="batch")
+            self.event("measure", test_accuracy=v["given_test_accuracy"], search_accuracy=v["given_search_accuracy"])
+            self.finish_phase("measure")
+        o = self.options
+        untrained = self.state["values"]["given_search_accuracy"] < 1.5 / self.splits.num_classes
+        epochs = o.train_full if o.train_full is not None else (o.epochs if untrained else 0)
+        if epochs and self.phase("train-full"):
+            if untrained and o.train_full is None:
+                self.event("note", text=f"the model scores {self.state['values']['given_search_accuracy']:.1%} "
+                                        f"(chance level): training it at full width for {epochs:g} epochs first")
+            start = time.monotonic()
+            steps = self.train("train-full", epochs, lambda step, gen: [None], lr=o.train_full_lr, label="train full width")
+            self.state["values"]["full_search_accuracy_trained"] = self.accuracy(None, "search", bn="batch")
+            self.event("train-full", epochs=epochs, steps=steps, seconds=round(time.monotonic() - start, 1),
+                       search_accuracy=self.state["values"]["full_search_accuracy_trained"])
+            self.finish_phase("train-full")
+
+    def finish(self, records: list[tuple[SubnetRecord, dict]], group_order: dict[str, list[int]]) -> SearchResult:
+        result = SearchResult(
+            method=self.options.method, subnets=[r for r, _ in records], group_order=group_order,
+            full_accuracy=self.state["values"].get("given_test_accuracy"), options=asdict(self.options),
+            history=self.state["history"], data={"dataset": self.splits.info.name, "notes": self.splits.notes,
+                                                 "train": len(self.splits.train), "search": len(self.splits.search),
+                                                 "test": len(self.splits.test)},
+            wall_s=round(self.wall_s, 1))
+        if self.procs.main:
+            save_search_result(self.workspace, result, self.net.full.state_dict(), {r.name: s for r, s in records})
+        self.checkpoint.remove()
+        self.procs.barrier()
+        return result
+
+    def run(self) -> SearchResult:
+        if self.options.method == "usnet":
+            from dyncompile.search.usnet import run_usnet
+            return run_usnet(self)
+        from dyncompile.search.progressive import run_progressive
+        return run_progressive(self)
+
+
+def subnet_name(budget: float) -> str:
+    return f"macs{round(budget * 100):d}"
+
+
+def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False,
+               progress: Callable[..., None] | None = None) -> SearchResult:
+    return SearchRun(workspace, options, resume=resume, progress=progress).run()
