@@ -40,9 +40,9 @@ from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.targets import get_target
 
-__all__ = ["BuildError", "BuildResult", "SubnetBuild", "TuningReport", "DEFAULT_WIDTHS",
-           "PREPARE_PASSES", "uniform_subnets", "tuning_dir_for", "build", "import_subnet", "prepare",
-           "tune", "compile_module"]
+__all__ = ["BuildError", "BuildResult", "SubnetBuild", "TuningReport", "WorkspaceSubnets", "DEFAULT_WIDTHS",
+           "PREPARE_PASSES", "uniform_subnets", "subnets_from_workspace", "own_tensor_key", "tuning_dir_for", "build",
+           "import_subnet", "prepare", "tune", "compile_module"]
 
 DEFAULT_WIDTHS = (1.0, 0.75, 0.5, 0.25)
 TRANSFORM_SUFFIX = "_transform_params"
@@ -71,6 +71,9 @@ class SubnetBuild:
     transform_function: str | None = None
     kernels: int = 0  # fused kernels the sub-net's function calls
     tuned_kernels: int = 0  # of those, how many got a schedule from the tuning database
+    # tensors only this sub-net uses (its own BatchNorm statistics from search), already cut to its size,
+    # keyed as its ParamSlice sources name them (`own_tensor_key`); the deployable stores them beside the full weights
+    own_tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def function(self) -> str:
@@ -110,6 +113,66 @@ def uniform_subnets(dg: DynGraph, widths: tuple[float, ...] = DEFAULT_WIDTHS) ->
         if config not in out.values():
             out[f"w{round(w * 100)}"] = config
     return out
+
+
+@dataclass
+class WorkspaceSubnets:
+    """What `dyncompile build` compiles from a workspace: the searched sub-nets if a search ran, else uniform widths."""
+
+    dg: DynGraph  # with the search's group order and trained weights applied, when there is a search result
+    configs: dict[str, SubnetConfig]
+    own_tensors: dict[str, dict[str, torch.Tensor]]  # per sub-net BN statistics (search); empty for uniform widths
+    accuracy: dict[str, float]  # from search
+    search: dict | None  # {"method", "full_accuracy", "result_sha256"} of the search result used, or None
+    notes: list[str]
+
+    def reference_graph(self, name: str) -> DynGraph:
+        """`dg` with sub-net `name`'s own tensors loaded: `extract_subnet` of it is the PyTorch sub-net."""
+        return _with_tensors(self.dg, self.own_tensors.get(name))
+
+
+def _with_tensors(dg: DynGraph, tensors: dict[str, torch.Tensor] | None) -> DynGraph:
+    if not tensors:
+        return dg
+    new = copy.copy(dg)
+    new.gm = copy.deepcopy(dg.gm)
+    new.gm.load_state_dict(tensors, strict=False)
+    return new
+
+
+def subnets_from_workspace(workspace: str | Path, dg: DynGraph, widths: tuple[float, ...] | None = None
+                           ) -> WorkspaceSubnets:
+    """The sub-nets to build for the workspace at `workspace` (whose graph is `dg`).
+
+    With a search result (`dyncompile search`) and no `widths`: its sub-nets, its group order and trained
+    weights, each sub-net with its own BatchNorm statistics, and its accuracies. Otherwise uniform widths.
+    """
+    from dyncompile.fileio import sha256_file
+    from dyncompile.search.result import RESULT_FILE, apply_result, load_search_result, result_dir
+
+    found = None if widths else load_search_result(workspace)
+    if found is None:
+        notes = [] if widths else [f"no search result in '{workspace}': building uniform widths "
+                                   f"{', '.join(f'{w:g}' for w in DEFAULT_WIDTHS)} (run `dyncompile search` first "
+                                   f"for searched, fine-tuned sub-nets)"]
+        return WorkspaceSubnets(dg, uniform_subnets(dg, tuple(widths or DEFAULT_WIDTHS)), {}, {}, None, notes)
+    result, state_dict, bn = found
+    applied = apply_result(dg, result, state_dict)
+    configs = {s.name: dict(s.config) for s in result.subnets}
+    missing = [name for name in configs if name not in bn]
+    if missing:
+        raise ConfigError(f"the search result has no BatchNorm statistics for sub-net '{missing[0]}'; "
+                          f"re-run `dyncompile search`")
+    search = {"method": result.method, "full_accuracy": result.full_accuracy,
+              "result_sha256": sha256_file(result_dir(workspace, result.method) / RESULT_FILE)}
+    notes = [f"building the {len(configs)} sub-nets of the '{result.method}' search"]
+    return WorkspaceSubnets(applied, configs, {name: bn[name] for name in configs},
+                            {s.name: s.accuracy for s in result.subnets}, search, notes)
+
+
+def own_tensor_key(subnet: str, source: str) -> str:
+    """The deployable's name for sub-net `subnet`'s own copy of tensor `source` (e.g. its BN running_mean)."""
+    return f"@{subnet}/{source}"
 
 
 def tuning_dir_for(workspace: str | Path, target_name: str) -> Path:
@@ -171,9 +234,12 @@ def _owner(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
 
 
 def _probe_slices(dg: DynGraph, config: SubnetConfig, sub_state: dict[str, torch.Tensor],
-                  names: dict[str, str]) -> list[ParamSlice]:
+                  names: dict[str, str]) -> list[ParamSlice | None]:
     """How each sub-net tensor is cut from the full one: extract once more from weights that hold their own
-    flat element indices (float64: exact), and read the indices back. Checked against the real values."""
+    flat element indices (float64: exact), and read the indices back. Checked against the real values.
+
+    None where the sub-net's tensor is not an outer-product slice of the full one (e.g. a grouped conv's
+    weight slimmed by position): `import_subnet` stores that tensor as the sub-net's own."""
     full = dg.gm.state_dict()
     probe = copy.deepcopy(dg.gm)
     for source in set(names.values()):
@@ -196,17 +262,23 @@ def _probe_slices(dg: DynGraph, config: SubnetConfig, sub_state: dict[str, torch
         s = ParamSlice(relax_name, source, tuple(index), tuple(sub_t.shape), str(sub_t.dtype).removeprefix("torch."))
         if not (np.array_equal(s.cut(probe.state_dict()[source].numpy()), probe_state[source].numpy())
                 and np.array_equal(s.cut(full_t.numpy()), sub_t.numpy())):
-            raise BuildError(f"'{source}' is not an outer-product slice of the full tensor; cannot store it once")
+            s = None
         slices.append(s)
     return slices
 
 
-def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int = 1) -> tuple[Any, SubnetBuild]:
-    """Extract sub-net `config`, export it and import it into Relax as a function called `name`."""
+def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int = 1, *,
+                  own_tensors: dict[str, torch.Tensor] | None = None) -> tuple[Any, SubnetBuild]:
+    """Extract sub-net `config`, export it and import it into Relax as a function called `name`.
+
+    `own_tensors`: full-model tensors this sub-net has its own values for (its BN statistics from search);
+    where they differ from `dg`'s, the sub-net's inputs point to its own copy (`SubnetBuild.own_tensors`).
+    """
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
 
     start = time.perf_counter()
+    shared, dg = dg, _with_tensors(dg, own_tensors)
     full_names = set(dg.gm.state_dict())
     plain = extract_subnet(dg, config).eval()
     macs, params = count_macs(plain, (1, *dg.input_shape[1:])), count_params(plain)  # before for_inference
@@ -235,10 +307,28 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
     inputs = set(names.values())
     embedded = sum(t.numel() * t.element_size() for k, t in state.items() if k not in inputs)
     embedded += sum(t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
+    slices, own = _probe_slices(dg, config, state, names), {}
+    for i, (relax_name, source) in enumerate(names.items()):
+        if slices[i] is None:  # not cut from the full tensor by index lists: the sub-net keeps its own copy
+            value = state[source].numpy()
+            key = own_tensor_key(name, source)
+            own[key] = np.ascontiguousarray(value)
+            slices[i] = ParamSlice(relax_name, key, (None,) * value.ndim, tuple(value.shape),
+                                   str(state[source].dtype).removeprefix("torch."))
+    if own_tensors:
+        shared_state = shared.gm.state_dict()
+        for i, s in enumerate(slices):
+            if s.source not in state:  # already the sub-net's own copy
+                continue
+            value = state[s.source].numpy()
+            if s.source in own_tensors and not np.array_equal(s.cut(shared_state[s.source].numpy()), value):
+                key = own_tensor_key(name, s.source)
+                own[key] = np.ascontiguousarray(value)
+                slices[i] = ParamSlice(s.name, key, (None,) * value.ndim, s.shape, s.dtype)
     record = SubnetBuild(
-        name=name, config=dict(config), macs=macs, params=params, parameters=_probe_slices(dg, config, state, names),
+        name=name, config=dict(config), macs=macs, params=params, parameters=slices,
         output_shape=tuple(y.shape), output_dtype=str(y.dtype).removeprefix("torch."), embedded_bytes=embedded,
-        import_s=time.perf_counter() - start)
+        import_s=time.perf_counter() - start, own_tensors=own)
     return func.with_attr("global_symbol", name), record
 
 
@@ -349,11 +439,12 @@ def _load_tensor_intrinsics(modules: list[str]) -> None:
 
 
 def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir: str | Path, trials: int, *,
-         builder_timeout_s: float = 120.0, progress: Progress | None = None) -> TuningReport:
+         builder_timeout_s: float = 120.0, runner: Any = None, progress: Progress | None = None) -> TuningReport:
     """MetaSchedule-tune the kernels the `entries` functions of fused `mod` call, `trials` per kernel.
 
     The database in `tuning_dir` is shared by every sub-net and every build: kernels already tuned with at
-    least `trials` trials are skipped, and identical kernels of different sub-nets are one task.
+    least `trials` trials are skipped, and identical kernels of different sub-nets are one task. `runner`:
+    where candidates are measured (default: the target's `tuning_runner()`).
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -392,7 +483,7 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(tuning_dir),
                       max_trials_global=trials * len(todo), max_trials_per_task=trials,
                       num_trials_per_iter=min(64, trials), builder=kind.tuning_builder(builder_timeout_s),
-                      runner=kind.tuning_runner(), database=database,
+                      runner=runner if runner is not None else kind.tuning_runner(), database=database,
                       measure_callbacks=[*ms.MeasureCallback.create("default"), _Record()])
         for kernel, name in zip(kernels, names):  # finished: also kernels whose search space ran out early
             ledger.add(kernel, name, max(0, trials - ledger.trials(kernel)))
@@ -430,12 +521,15 @@ def compile_module(mod: Any, target: Any, target_name: str) -> Any:
 
 def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu",
           target_options: dict | None = None, batch_size: int = 1, tune_trials: int = 0,
-          tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0,
+          tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0, rpc: str | None = None,
+          own_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
           progress: Progress | None = None, dump_after: str | None = None) -> BuildResult:
     """Compile every sub-net in `subnets` for `target` into one executable (see the module docstring).
 
     `tune_trials`: MetaSchedule trials per distinct kernel (0: untuned, no database used); needs `tuning_dir`
-    (use `tuning_dir_for(workspace, target)`). `batch_size` is static. Raises ConfigError for bad arguments,
+    (use `tuning_dir_for(workspace, target)`). `batch_size` is static. `rpc`: "HOST:PORT" of the board that
+    measures tuning candidates (targets that run on a board). `own_tensors`: per sub-net name, tensors it has
+    its own values for (BN statistics from search; see `import_subnet`). Raises ConfigError for bad arguments,
     BuildError when a sub-net cannot be compiled.
     """
     kind = get_target(target)
@@ -454,12 +548,15 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     import tvm
 
     tvm_target = kind.tvm_target(**(target_options or {}))
+    # before the long import: a board that cannot be reached, or a GPU that is missing, fails here
+    runner = (kind.tuning_runner(rpc=rpc) if rpc else kind.tuning_runner()) if tune_trials else None
     records: list[SubnetBuild] = []
     functions = {}
     for name, config in subnets.items():
         if progress:
             progress("import", name)
-        functions[name], record = import_subnet(dg, name, config, batch_size)
+        functions[name], record = import_subnet(dg, name, config, batch_size,
+                                                own_tensors=(own_tensors or {}).get(name))
         records.append(record)
     if progress:
         progress("prepare", f"{len(functions)} sub-nets in one module")
@@ -468,7 +565,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     report = None
     if tune_trials:
         report = tune(mod, list(subnets), tvm_target, target, tuning_dir, tune_trials,
-                      builder_timeout_s=builder_timeout_s, progress=progress)
+                      builder_timeout_s=builder_timeout_s, runner=runner, progress=progress)
         mod = _apply_database(mod, tvm_target, tuning_dir)
     for record in records:
         kernels = _kernels(_entry_module(mod, [record.name]))

@@ -11,8 +11,9 @@ bench fills it), accuracy (null until search fills it) and its slicing recipe: f
 about 1× the full model's weights whatever the number of sub-nets; `dyncompile.runtime` cuts them at load.
 
 BatchNorm is stored unfolded (as the model has it): the library's `<name>_transform_params` computes each
-BN's scale and shift from the sliced tensors once at load. Per-sub-net BN statistics (from search) would be
-extra named tensors in weights.npz that a recipe points to.
+BN's scale and shift from the sliced tensors once at load. A searched sub-net has its own BN statistics: they
+are extra small tensors in weights.npz, named `@<sub-net>/<tensor>` and already cut to the sub-net's width,
+and its recipe points to them (only where they differ from the full model's).
 
 The folder is staged next to its destination, fsync'ed, and renamed into place; the manifest is written last
 and holds the SHA-256 of every other file, so a half-written, tampered or mixed-up deployable is refused.
@@ -110,7 +111,7 @@ def _versions() -> dict:
             "numpy": np.__version__}
 
 
-def _subnet_record(s) -> dict:
+def _subnet_record(s, accuracy: float | None) -> dict:
     return {
         "name": s.name,
         "function": s.function,
@@ -119,7 +120,7 @@ def _subnet_record(s) -> dict:
         "macs": s.macs,
         "params": s.params,
         "latency_ms": None,
-        "accuracy": None,
+        "accuracy": accuracy,
         "kernels": s.kernels,
         "tuned_kernels": s.tuned_kernels,
         "embedded_bytes": s.embedded_bytes,
@@ -128,11 +129,13 @@ def _subnet_record(s) -> dict:
     }
 
 
-def write_deployable(out: str | Path, result, dg, *, model: dict | None = None) -> Path:
+def write_deployable(out: str | Path, result, dg, *, model: dict | None = None,
+                     accuracy: dict[str, float] | None = None, search: dict | None = None) -> Path:
     """Write `result` (a `dyncompile.build.BuildResult`) and `dg`'s full weights as a deployable at `out`.
 
     Replaces an existing deployable there; refuses to replace a folder that is not one. `model`: facts
-    about the source model to record (e.g. the workspace's model spec).
+    about the source model to record (e.g. the workspace's model spec). `accuracy`: per sub-net, from search;
+    `search`: which search result the sub-nets come from (recorded as given).
     """
     from dyncompile.targets import get_target
 
@@ -143,6 +146,11 @@ def write_deployable(out: str | Path, result, dg, *, model: dict | None = None) 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         full = {k: v.detach().cpu().numpy() for k, v in dg.gm.state_dict().items()}
+        for s in result.subnets:
+            clash = sorted(set(s.own_tensors) & set(full))
+            if clash:
+                raise DeployableError(f"sub-net '{s.name}' tensor '{clash[0]}' clashes with a model tensor name")
+            full.update(s.own_tensors)
         with open(staging / WEIGHTS, "wb") as f:
             np.savez(f, **full)
         get_target(result.target_name).export_library(result.executable, str(staging / LIBRARY))
@@ -164,7 +172,9 @@ def write_deployable(out: str | Path, result, dg, *, model: dict | None = None) 
                 "trials_per_task": result.tuning.trials_per_task, "kernels": result.tuning.tasks,
                 "tuned_now": result.tuning.tuned, "reused": result.tuning.reused},
             "latency": None,  # how latency_ms was measured, once a bench recorded it
-            "subnets": sorted((_subnet_record(s) for s in result.subnets), key=lambda r: -r["macs"]),
+            "search": search,
+            "subnets": sorted((_subnet_record(s, (accuracy or {}).get(s.name)) for s in result.subnets),
+                              key=lambda r: -r["macs"]),
             "files": files,
         }
         (staging / MANIFEST).write_text(_dumps(manifest))

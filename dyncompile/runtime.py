@@ -23,7 +23,7 @@ import numpy as np
 
 from dyncompile.deployable import LIBRARY, WEIGHTS, DeployableError, ParamSlice, read_manifest
 
-__all__ = ["DeployedModel", "SubnetInfo", "load"]
+__all__ = ["DeployedModel", "SubnetInfo", "load", "read_weights", "subnet_inputs"]
 
 
 class SubnetInfo(NamedTuple):
@@ -80,6 +80,10 @@ class DeployedModel:
                                   f"takes {fastest.latency_ms:.3g} ms")
         return self._most_accurate(fits)
 
+    def most_accurate(self) -> str:
+        """The sub-net `run` uses when given neither a name nor a budget."""
+        return self._most_accurate(self.subnets)
+
     def _most_accurate(self, candidates: list[SubnetInfo]) -> str:
         """Highest recorded accuracy when every sub-net has one (search fills it), else most MACs."""
         if all(s.accuracy is not None for s in self.subnets):
@@ -124,6 +128,19 @@ class DeployedModel:
             return torch.from_numpy(y)
         return y
 
+    def prepared(self, subnet: str, x: Any) -> Any:
+        """A zero-argument function that runs `subnet` on `x` (copied to the device once) and waits for it:
+        what a timing loop calls, so that it measures the sub-net and not the input copy."""
+        self._check_name(subnet)
+        x_dev = self._input(x)
+
+        def call() -> Any:
+            out = self._call(subnet, x_dev)
+            self._device.sync()
+            return out
+
+        return call
+
     def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
         """Median wall time (ms) of one call of `subnet` on a random input already on the device."""
         self._check_name(subnet)
@@ -164,6 +181,18 @@ def load(path: str | Path, device: str = "cpu") -> DeployedModel:
         raise DeployableError(f"deployable '{path}' was compiled with TVM {built_with} and this runtime is TVM "
                               f"{tvm.__version__}; rebuild it with this version")
     dev = _device(device)
+    full = read_weights(path, manifest)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIBRARY)), dev)
+    weights = {}
+    for s in manifest["subnets"]:
+        raw = [tvm.runtime.tensor(a, dev) for a in subnet_inputs(s, full)]
+        weights[s["name"]] = list(vm[s["transform_function"]](raw)) if s.get("transform_function") else raw
+    return DeployedModel(path, manifest, vm, dev, weights)
+
+
+def read_weights(path: str | Path, manifest: dict) -> dict[str, np.ndarray]:
+    """The tensors of the deployable's weights.npz (full model, plus sub-nets' own), checked against `manifest`."""
+    path = Path(path)
     try:
         with np.load(path / WEIGHTS, allow_pickle=False) as npz:
             full = {name: npz[name] for name in npz.files}
@@ -173,16 +202,17 @@ def load(path: str | Path, device: str = "cpu") -> DeployedModel:
     for name, spec in manifest["weights"]["tensors"].items():
         if name not in full or list(full[name].shape) != spec["shape"] or str(full[name].dtype) != spec["dtype"]:
             raise DeployableError(f"'{path / WEIGHTS}' does not hold tensor '{name}' as the manifest describes")
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIBRARY)), dev)
-    weights = {}
-    for s in manifest["subnets"]:
-        raw = []
-        for p in map(ParamSlice.from_json, s["parameters"]):
-            if p.source not in full:
-                raise DeployableError(f"sub-net '{s['name']}' needs '{p.source}', which '{WEIGHTS}' lacks")
-            cut = p.cut(full[p.source])
-            if tuple(cut.shape) != p.shape:
-                raise DeployableError(f"sub-net '{s['name']}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
-            raw.append(tvm.runtime.tensor(cut, dev))
-        weights[s["name"]] = list(vm[s["transform_function"]](raw)) if s.get("transform_function") else raw
-    return DeployedModel(path, manifest, vm, dev, weights)
+    return full
+
+
+def subnet_inputs(record: dict, full: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Sub-net `record`'s (a manifest entry) weights, cut from `full` by its recipe, in its function's order."""
+    raw = []
+    for p in map(ParamSlice.from_json, record["parameters"]):
+        if p.source not in full:
+            raise DeployableError(f"sub-net '{record['name']}' needs '{p.source}', which '{WEIGHTS}' lacks")
+        cut = p.cut(full[p.source])
+        if tuple(cut.shape) != p.shape:
+            raise DeployableError(f"sub-net '{record['name']}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
+        raw.append(cut)
+    return raw

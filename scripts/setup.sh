@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-venv python3-dev gcc dataset-fashion-mnist gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)
+# chromium: tests/test_report.py renders the report in headless Chromium (skipped without it)
+APT_PACKAGES=(python3-venv python3-dev gcc dataset-fashion-mnist gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+              chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -27,6 +29,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and exactly: this picks the CPU wheel; a looser requirement would pull GBs of CUDA packages.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # tune: MetaSchedule (build --tune-trials; xgboost-cpu: no CUDA); bench: ONNX Runtime for bench --compare
+  .venv/bin/python -m pip install -q -e ".[dev,tune,bench]"
   echo "$want" > "$stamp"
 fi

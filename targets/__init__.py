@@ -3,7 +3,8 @@
     get_target("cpu")  ──▶  dyncompile.targets.cpu   (a module with the `TargetKind` interface)
 
 `dyncompile.build` and `dyncompile.runtime` never ask "which target is this?": they look the kind up here
-and call its functions. A new target (arm, cuda) is one new module plus one line in `TARGETS`. Target
+and call its functions. A new target is one new module plus one line in `TARGETS`. Targets that run on a
+separate board (arm) also provide `check_board(rpc)` and `remote_vm(...)`, which `--rpc` uses. Target
 modules import TVM only inside their functions, so listing or looking up targets stays fast.
 """
 
@@ -24,6 +25,7 @@ __all__ = ["TARGETS", "TargetKind", "UnknownTargetError", "get_target", "known_t
 TARGETS: dict[str, str] = {
     "arm": "dyncompile.targets.arm",
     "cpu": "dyncompile.targets.cpu",
+    "cuda": "dyncompile.targets.cuda",
 }
 
 
@@ -63,8 +65,9 @@ class TargetKind(Protocol):
     def tuning_builder(self, timeout_s: float) -> Any:
         """The MetaSchedule builder for tuning candidates."""
 
-    def tuning_runner(self) -> Any:
-        """The MetaSchedule runner that measures candidates (local, or over RPC for a board)."""
+    def tuning_runner(self, rpc: str | None = None) -> Any:
+        """The MetaSchedule runner that measures candidates: locally, or on the board at `rpc` ("HOST:PORT";
+        ConfigError for a target that does not run on boards)."""
 
     def export_library(self, executable: Any, path: str) -> None:
         """Write the compiled executable as a shared library at `path` (cross-linked where needed)."""

@@ -36,7 +36,7 @@ from dyncompile.errors import ConfigError, DyncompileError
 __all__ = ["name", "device", "description", "MTRIPLE", "DEFAULT_MCPU", "BOARD_HINT", "BoardError",
            "tvm_target", "describe", "check_toolchain", "cross_compiler", "schedule_passes", "lower_passes",
            "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library", "check_runnable",
-           "parse_rpc", "RemoteVM", "remote_vm", "run_remote"]
+           "parse_rpc", "check_board", "RemoteVM", "remote_vm", "run_remote"]
 
 name = "arm"
 device = "cpu"  # the board's CPU; the deployable's code runs there, never on the build machine
@@ -203,6 +203,13 @@ def parse_rpc(rpc: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--rpc wants HOST:PORT (e.g. 127.0.0.1:9090), got '{rpc}'")
     return host.strip("[]"), int(port)
+
+
+def check_board(rpc: str) -> tuple[str, int]:
+    """Parse "HOST:PORT" and check something listens there; ConfigError or BoardError (one line) if not."""
+    host, port = parse_rpc(rpc)
+    _check_reachable(host, port)
+    return host, port
 
 
 def _check_reachable(host: str, port: int, timeout_s: float = 10.0) -> None:

@@ -107,8 +107,11 @@ def tuning_builder(timeout_s: float = 120.0) -> Any:
                                    max_workers=max(1, (os.cpu_count() or 1)))
 
 
-def tuning_runner() -> Any:
+def tuning_runner(rpc: str | None = None) -> Any:
     from tvm.s_tir import meta_schedule as ms
+
+    if rpc:
+        raise ConfigError("--rpc is for ARM boards (--target arm); target cpu tunes and runs on this machine")
 
     return ms.runner.LocalRunner(timeout_sec=60,
                                  evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50))

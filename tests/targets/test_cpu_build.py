@@ -308,3 +308,23 @@ def test_tuning_is_applied_and_the_database_reused(tmp_path):
     with torch.no_grad():
         expected = extract_subnet(dg, subnets["w50"]).eval()(x)
     assert torch.allclose(runtime.load(out).run(x, subnet="w50"), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow  # one MobileNetV2 build: 30-120 s on 2 busy cores
+def test_a_tensor_that_is_no_outer_product_slice_is_stored_as_the_subnets_own(tmp_path):
+    """MobileNetV2's depthwise weights in some sub-nets are not index-list slices of the full tensor: the sub-net
+    keeps its own copy (named `@<sub-net>/<tensor>`) and still matches PyTorch."""
+    torch.manual_seed(0)
+    model = _randomise_norms(build_zoo_model("mobilenetv2-cifar").eval())
+    dg = analyse_model(model, ZOO["mobilenetv2-cifar"].input_shape)
+    subnets = uniform_subnets(dg, (0.75,))
+    result = build(dg, subnets, target="cpu")
+    own = [p.source for p in result.subnets[0].parameters if p.source.startswith("@w75/")]
+    assert own, "this model is expected to need the fallback"
+    out = write_deployable(tmp_path / "cpu", result, dg)
+    with np.load(out / WEIGHTS, allow_pickle=False) as npz:
+        assert set(own) <= set(npz.files)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = extract_subnet(dg, subnets["w75"]).eval()(x)
+    assert torch.allclose(runtime.load(out).run(x, subnet="w75"), expected, atol=1e-4, rtol=0)

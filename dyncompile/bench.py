@@ -1,0 +1,226 @@
+"""Measure a deployable: per sub-net latency, error against PyTorch, and (optionally) ONNX Runtime and eager
+PyTorch on the same sub-net, interleaved in one run so that a busy machine slows every engine alike.
+
+    from dyncompile.bench import bench_deployable
+    rows = bench_deployable("dyncompile-workspace/deploy/cpu", compare=("onnxruntime", "torch"), repeats=50)
+
+The PyTorch reference of a sub-net is the workspace's model extracted for the same config (with the search's
+weights and the sub-net's own BatchNorm statistics when it was built from a search result); the deployable
+records which workspace and search result it came from, and a changed workspace is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dyncompile.deployable import LIBRARY, DeployableError, read_manifest
+from dyncompile.errors import ConfigError
+
+__all__ = ["ENGINES", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
+           "workspace_facts", "remote_run", "bench_deployable"]
+
+ENGINES = ("onnxruntime", "torch")  # what --compare accepts
+
+
+@dataclass
+class SubnetBench:
+    name: str
+    macs: int  # per image
+    batch: int
+    tvm_ms: float  # median
+    max_error: float  # max |TVM - PyTorch| on one random input
+    compare_ms: dict[str, float] = field(default_factory=dict)  # engine → median ms, same run
+
+    @property
+    def gflops(self) -> float:
+        return 2 * self.macs * self.batch / (self.tvm_ms * 1e6)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["gflops"] = self.gflops
+        d["tvm_over"] = {engine: self.tvm_ms / ms for engine, ms in self.compare_ms.items()}
+        return d
+
+
+def interleaved_medians(calls: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 3,
+                        block: int = 5) -> dict[str, float]:
+    """Median milliseconds of each zero-argument call over `repeats` timed calls, the engines taking turns in
+    blocks of `block` calls (a×5, b×5, c×5, a×5, …), so that load from other processes hits them alike.
+
+    The first call of each block is not timed: thread pools that spin after their last task (ONNX Runtime,
+    OpenMP, TVM) would otherwise charge the switch to whichever engine comes next.
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    while any(len(v) < repeats for v in times.values()):
+        for k, call in calls.items():
+            call()
+            for _ in range(min(block, repeats - len(times[k]))):
+                start = time.perf_counter()
+                call()
+                times[k].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _threads() -> int:
+    return os.cpu_count() or 1
+
+
+def torch_runner(module: Any, x: np.ndarray) -> Callable[[], Any]:
+    import torch
+
+    xt = torch.from_numpy(x)
+
+    def call() -> Any:
+        with torch.inference_mode():
+            return module(xt)
+
+    return call
+
+
+def onnx_runner(module: Any, x: np.ndarray, *, threads: int | None = None) -> Callable[[], Any]:
+    """`module` exported to ONNX (TorchScript exporter) and run by ONNX Runtime's CPU provider on `x`."""
+    try:
+        import onnx  # noqa: F401 -- torch.onnx.export needs it
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ConfigError(f"--compare onnxruntime needs {exc.name}, which is not installed: pip install "
+                          f"onnxruntime==1.32.0 onnx==1.23.2 (dyncompile's bench extra)") from None
+    import torch
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, (torch.from_numpy(x),), buffer, dynamo=False, input_names=["x"],
+                          output_names=["y"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or _threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see interleaved_medians
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"x": x})
+
+
+def workspace_facts(workspace: str | Path) -> dict:
+    """What a deployable records about the workspace it was built from (to find it, and to notice a change)."""
+    from dyncompile.fileio import sha256_file
+    from dyncompile.workspace import SPEC_FILE
+
+    workspace = Path(workspace)
+    return {"workspace": str(workspace.resolve()), "workspace_sha256": sha256_file(workspace / SPEC_FILE)}
+
+
+def reference_modules(manifest: dict, workspace: str | Path | None = None) -> dict[str, Any]:
+    """The PyTorch sub-nets a deployable was built from, extracted from its workspace (eval mode)."""
+    from dyncompile.build import subnets_from_workspace
+    from dyncompile.passes.extract import extract_subnet
+    from dyncompile.workspace import load_workspace
+
+    recorded = manifest.get("model", {})
+    workspace = Path(workspace or recorded.get("workspace") or "dyncompile-workspace")
+    ws = load_workspace(workspace)
+    if recorded.get("workspace_sha256") and workspace_facts(workspace)["workspace_sha256"] != recorded["workspace_sha256"]:
+        raise DeployableError(f"the workspace '{workspace}' changed since this deployable was built (another "
+                              f"convert); rebuild it, or give the workspace it was built from (--workspace)")
+    graphs: Callable[[str], Any] = lambda name: ws.dg  # noqa: E731
+    if manifest.get("search"):
+        source = subnets_from_workspace(workspace, ws.dg)
+        if not source.search or source.search["result_sha256"] != manifest["search"].get("result_sha256"):
+            raise DeployableError(f"the search result in '{workspace}' is not the one this deployable was built "
+                                  f"from; rebuild it with `dyncompile build`")
+        graphs = source.reference_graph
+    return {s["name"]: extract_subnet(graphs(s["name"]), s["config"]).eval() for s in manifest["subnets"]}
+
+
+def remote_run(path: str | Path, manifest: dict, x: np.ndarray, rpc: str, names: Sequence[str], *,
+               repeats: int = 0) -> dict[str, tuple[float | None, np.ndarray]]:
+    """Run sub-nets `names` of the deployable at `path` on the board at `rpc` (targets with `remote_vm`):
+    per name (median ms over `repeats` timed calls, or None with repeats=0; the output on `x`)."""
+    from dyncompile.runtime import read_weights, subnet_inputs
+    from dyncompile.targets import get_target
+
+    path = Path(path)
+    kind = get_target(manifest["target"]["name"])
+    if not hasattr(kind, "remote_vm"):
+        raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
+    full = read_weights(path, manifest)
+    records = {s["name"]: s for s in manifest["subnets"]}
+    results = {}
+    with kind.remote_vm(path / LIBRARY, rpc=rpc) as vm:
+        for name in names:
+            s = records[name]
+            raw = subnet_inputs(s, full)
+            weights = vm.run(s["transform_function"], [raw]) if s.get("transform_function") else raw
+            y = vm.run(s["function"], [x, *weights])[0]
+            ms = None
+            if repeats:
+                ms = statistics.median(vm.time(s["function"], [x, *weights], number=1, repeat=repeats)) * 1e3
+            results[name] = (ms, y)
+    return results
+
+
+def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, rpc: str | None = None,
+                     compare: Sequence[str] = (), repeats: int = 50, warmup: int = 3, seed: int = 0,
+                     progress: Callable[[str], None] | None = None) -> list[SubnetBench]:
+    """Time every sub-net of the deployable at `path` and check it against PyTorch (see the module docstring).
+
+    Locally the engines take turns per repeat; with `rpc` (ARM boards) TVM runs on the board and `compare`
+    is refused (timings from two machines do not compare).
+    """
+    import torch
+
+    from dyncompile import runtime
+
+    path = Path(path)
+    unknown = [e for e in compare if e not in ENGINES]
+    if unknown:
+        raise ConfigError(f"--compare knows {', '.join(ENGINES)}, not '{unknown[0]}'")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {repeats}")
+    if rpc and compare:
+        raise ConfigError("--compare runs the other engines on this machine; it cannot be combined with --rpc")
+    manifest = read_manifest(path)
+    modules = reference_modules(manifest, workspace)
+    x = np.random.default_rng(seed).standard_normal(manifest["input"]["shape"]).astype(manifest["input"]["dtype"])
+    batch = int(manifest["input"]["batch_size"])
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(_threads())  # the same cores for every engine
+    rows = []
+    try:
+        if rpc:
+            measured = remote_run(path, manifest, x, rpc, [s["name"] for s in manifest["subnets"]], repeats=repeats)
+        else:
+            model = runtime.load(path, device=manifest["target"]["device"])
+        for s in manifest["subnets"]:
+            name = s["name"]
+            if progress:
+                progress(name)
+            with torch.no_grad():
+                expected = modules[name](torch.from_numpy(x)).numpy()
+            if rpc:
+                tvm_ms, y = measured[name]
+                compare_ms = {}
+            else:
+                calls = {"tvm": model.prepared(name, x)}
+                y = model.run(x, subnet=name)
+                for engine in compare:
+                    calls[engine] = (onnx_runner if engine == "onnxruntime" else torch_runner)(modules[name], x)
+                medians = interleaved_medians(calls, repeats=repeats, warmup=warmup)
+                tvm_ms = medians.pop("tvm")
+                compare_ms = medians
+            rows.append(SubnetBench(name, int(s["macs"]), batch, tvm_ms, float(np.abs(y - expected).max()),
+                                    compare_ms))
+    finally:
+        torch.set_num_threads(threads_before)
+    return rows

@@ -1,0 +1,319 @@
+"""`dyncompile build`, `run` and `bench`: compile sub-nets into one deployable, run it, measure it.
+
+The commands parse and print; the work is in `dyncompile.build`, `dyncompile.deployable`, `dyncompile.runtime`
+and `dyncompile.bench`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dyncompile.cli import JsonOption, WorkspaceOption, _parse_widths, _print_json, app, console, friendly_errors, out
+from dyncompile.errors import ConfigError
+from dyncompile.workspace import DEFAULT_WORKSPACE
+
+__all__ = ["build", "run", "bench"]
+
+RpcOption = Annotated[str | None, typer.Option("--rpc", help="HOST:PORT of a board's TVM RPC server (target arm); "
+                                                             "no board yet? scripts/emulated-arm-board start")]
+_TRIALS = re.compile(r"^(\d+)/(\d+) trials")
+
+
+def _target_options(kind, given: dict) -> dict:
+    """The CLI options `kind.tvm_target` accepts; a given option it does not take is a one-line error."""
+    accepted = inspect.signature(kind.tvm_target).parameters
+    options = {k: v for k, v in given.items() if v is not None}
+    for key in options:
+        if key not in accepted:
+            takes = ", ".join(f"--{p.replace('_', '-')}" for p in accepted if p in given) or "none of these"
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to --target {kind.name} (it takes: {takes})")
+    return options
+
+
+def _check_rpc(kind, rpc: str | None) -> None:
+    if rpc is None:
+        return
+    if not hasattr(kind, "check_board"):
+        raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
+    kind.check_board(rpc)
+
+
+def _build_progress():
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def _measure_latencies(path: Path, manifest: dict, kind, rpc: str | None, repeats: int) -> tuple[dict, dict | None, str]:
+    """Latency (ms) per sub-net where the deployable can run (here, or on the board at `rpc`), else why not."""
+    from dyncompile import runtime
+    from dyncompile.bench import remote_run  # one remote path for build, run and bench
+
+    import numpy as np
+
+    if rpc:
+        x = np.random.default_rng(0).standard_normal(manifest["input"]["shape"]).astype(manifest["input"]["dtype"])
+        measured = remote_run(path, manifest, x, rpc, [s["name"] for s in manifest["subnets"]], repeats=repeats)
+        return ({k: v[0] for k, v in measured.items()},
+                {"where": f"board at {rpc}", "statistic": "median", "repeats": repeats,
+                 "batch": manifest["input"]["batch_size"]}, "")
+    why = kind.check_runnable(manifest["target"])
+    if why:
+        return {}, None, why
+    model = runtime.load(path, device=kind.device)
+    return ({s.name: model.latency_ms(s.name, repeat=repeats) for s in model.subnets},
+            {"where": "this machine (build host)", "statistic": "median", "repeats": repeats, "warmup": 5,
+             "batch": manifest["input"]["batch_size"]}, "")
+
+
+@app.command()
+@friendly_errors
+def build(
+    target: Annotated[str, typer.Option("--target", "-t", help="cpu (this machine), arm (aarch64 board), cuda.")],
+    workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE),
+    tune_trials: Annotated[int, typer.Option("--tune-trials", help="MetaSchedule trials per distinct kernel (0: "
+                                                                   "untuned). The tuning database in "
+                                                                   "<workspace>/tuning/<target> is reused and "
+                                                                   "resumed.")] = 0,
+    rpc: RpcOption = None,
+    mcpu: Annotated[str | None, typer.Option("--mcpu", help="CPU to compile for (cpu: this machine's; arm: "
+                                                            "cortex-a72).")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="CUDA architecture (cuda: sm_80).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Deployable folder (default: "
+                                                                       "<workspace>/deploy/<target>).")] = None,
+    widths: Annotated[str | None, typer.Option("--widths", help="Build these uniform widths instead of the "
+                                                                 "searched sub-nets, e.g. 1.0,0.5.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Static batch size of the deployable.")] = 1,
+    json_output: JsonOption = False,
+) -> None:
+    """Compile the workspace's sub-nets for TARGET into one multi-width deployable (one library, weights once)."""
+    from dyncompile.bench import workspace_facts
+    from dyncompile.build import build as run_build
+    from dyncompile.build import subnets_from_workspace, tuning_dir_for
+    from dyncompile.deployable import default_output, read_manifest, record_latencies, write_deployable
+    from dyncompile.targets import get_target
+    from dyncompile.workspace import load_workspace
+
+    kind = get_target(target)
+    options = _target_options(kind, {"mcpu": mcpu, "arch": arch})
+    width_list = tuple(_parse_widths(widths)) if widths else None
+    if tune_trials < 0:
+        raise ConfigError(f"--tune-trials must be ≥ 0, got {tune_trials}")
+    _check_rpc(kind, rpc)
+    kind.check_toolchain()
+    kind.tvm_target(**options)  # a bad --mcpu/--arch fails before the long steps
+    with console.status("opening the workspace…"):
+        ws = load_workspace(workspace)
+        source = subnets_from_workspace(workspace, ws.dg, width_list)
+    notes = list(source.notes)
+    if not json_output:
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
+    n = len(source.configs)
+    with _build_progress() as progress:
+        subnet_task = progress.add_task("importing sub-nets", total=n, note="")
+        state = {"imported": 0, "tune_task": None}
+
+        def on_progress(stage: str, message: str) -> None:
+            if stage == "import":
+                progress.update(subnet_task, completed=state["imported"], note=f"sub-net {message}")
+                state["imported"] += 1
+                return
+            progress.update(subnet_task, completed=n)
+            trials = _TRIALS.match(message)
+            if stage == "tune" and trials:
+                done, total = int(trials.group(1)), int(trials.group(2))
+                if state["tune_task"] is None:
+                    state["tune_task"] = progress.add_task("tuning trials", total=total, note="")
+                progress.update(state["tune_task"], completed=done, total=total,
+                                note=message.split(" ", 2)[-1].strip("()"))
+            else:
+                progress.update(subnet_task, description=stage, note=message)
+
+        result = run_build(source.dg, source.configs, target=target, target_options=options, batch_size=batch_size,
+                           tune_trials=tune_trials, tuning_dir=tuning_dir_for(workspace, target) if tune_trials else None,
+                           rpc=rpc, own_tensors=source.own_tensors, progress=on_progress)
+        progress.update(subnet_task, description="writing the deployable", completed=n, note="")
+        path = output or default_output(workspace, target)
+        model_facts = {"source": ws.spec.get("model"), **workspace_facts(workspace)}
+        write_deployable(path, result, source.dg, model=model_facts, accuracy=source.accuracy, search=source.search)
+        manifest = read_manifest(path)
+        progress.update(subnet_task, description="measuring latency", note="")
+        latencies, how, why_not = _measure_latencies(path, manifest, kind, rpc, repeats=10 if rpc else 30)
+    if manifest["target"].get("device_code") == "source":
+        notes.append("no CUDA driver here: the library carries its kernels as CUDA C, which the GPU machine's TVM "
+                     "compiles when it loads the deployable (it needs cuda-python or nvcc there)")
+    if latencies:
+        manifest = record_latencies(path, latencies, how=how)
+    else:
+        notes.append(f"latency not measured: the deployable cannot run here ({why_not}); "
+                     f"`dyncompile bench` on the target records it")
+    if json_output:
+        _print_json({"deployable": str(path), "target": manifest["target"], "tuning": manifest["tuning"],
+                     "compile_s": result.compile_s, "notes": notes,
+                     "subnets": [{k: s[k] for k in ("name", "macs", "params", "kernels", "tuned_kernels",
+                                                     "latency_ms", "accuracy")} for s in manifest["subnets"]]})
+        return
+    for note in notes[len(source.notes):]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    full_macs = max(s["macs"] for s in manifest["subnets"])
+    table = Table(title=f"dyncompile build --target {target} → {path}")
+    for col in ("sub-net", "MMACs", "MACs %", "params", "kernels tuned", "latency ms", "accuracy"):
+        table.add_column(col, justify="right")
+    for s in manifest["subnets"]:
+        table.add_row(s["name"], f"{s['macs'] / 1e6:.2f}", f"{100 * s['macs'] / full_macs:.1f}", f"{s['params']:,}",
+                      f"{s['tuned_kernels']}/{s['kernels']}",
+                      "–" if s["latency_ms"] is None else f"{s['latency_ms']:.3f}",
+                      "–" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%")
+    out.print(table)
+    if result.tuning:
+        t = result.tuning
+        out.print(f"tuning: {t.tasks} distinct kernels, {t.tuned} tuned now ({t.trials_per_task} trials each), "
+                  f"{t.reused} reused from {t.database}, {t.seconds:.0f} s", highlight=False)
+    out.print(f"Next: [bold]dyncompile run {path} --input x.npy[/] or [bold]dyncompile bench {path}[/]",
+              highlight=False)
+
+
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_npy(path: Path):
+    import numpy as np
+
+    if not path.is_file():
+        raise ConfigError(f"no input file '{path}' (a .npy array saved with numpy.save)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ConfigError(f"'{path}' is not a .npy array without pickles ({str(exc).splitlines()[0][:80]})") from None
+
+
+@app.command()
+@friendly_errors
+def run(
+    deployable: Annotated[Path, typer.Argument(help="Deployable folder (from dyncompile build).")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Input batch as a .npy file of the deployable's "
+                                                             "input shape.")],
+    subnet: Annotated[str | None, typer.Option("--subnet", "-s", help="Sub-net to run (default: the most "
+                                                                      "accurate).")] = None,
+    budget_ms: Annotated[float | None, typer.Option("--budget-ms", help="Run the most accurate sub-net whose "
+                                                                        "measured latency fits.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the output here (.npy).")] = None,
+    rpc: RpcOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run one sub-net of DEPLOYABLE on an input (.npy), chosen by name or by latency budget."""
+    import numpy as np
+
+    from dyncompile import runtime
+    from dyncompile.bench import remote_run
+    from dyncompile.deployable import read_manifest
+
+    if subnet is not None and budget_ms is not None:
+        raise ConfigError("give either --subnet or --budget-ms, not both")
+    x = _load_npy(input)
+    manifest = read_manifest(deployable)
+    if rpc:
+        # the budget and default choices need no library: the same rules, from the manifest alone
+        model = runtime.DeployedModel(deployable, manifest, None, None, {})
+    else:
+        model = runtime.load(deployable, device=manifest["target"].get("device", "cpu"))
+    name = model.select(budget_ms) if budget_ms is not None else (subnet or model.most_accurate())
+    if rpc:
+        model._check_name(name)
+        if tuple(x.shape) != model.input_shape:
+            raise ConfigError(f"input shape {tuple(x.shape)} does not match the deployable's {model.input_shape} "
+                              f"(the batch size is fixed at build time)")
+        y = remote_run(deployable, manifest, np.ascontiguousarray(x, dtype=model.input_dtype), rpc, [name])[name][1]
+    else:
+        y = model.run(x, subnet=name)
+    if output is not None:
+        _save_npy(output, y)
+    record = next(s for s in model.subnets if s.name == name)
+    if json_output:
+        _print_json({"subnet": name, "latency_ms": record.latency_ms, "accuracy": record.accuracy,
+                     "shape": list(y.shape), "dtype": str(y.dtype),
+                     "output": None if output is not None else y.tolist(),
+                     "output_file": None if output is None else str(output)})
+        return
+    top = np.argmax(y.reshape(y.shape[0], -1), axis=1) if y.ndim >= 2 else np.argmax(y, keepdims=True)
+    out.print(f"sub-net [bold]{name}[/] ({record.macs / 1e6:.2f} MMACs"
+              + (f", {record.latency_ms:.3f} ms measured" if record.latency_ms is not None else "") + f"): output "
+              f"{tuple(y.shape)}, argmax per row {top.tolist()}"
+              + (f" → {output}" if output is not None else ""), highlight=False)
+
+
+@app.command()
+@friendly_errors
+def bench(
+    deployable: Annotated[Path, typer.Argument(help="Deployable folder (from dyncompile build).")],
+    rpc: RpcOption = None,
+    compare: Annotated[str | None, typer.Option("--compare", help="Also time the same sub-nets in these engines, "
+                                                                  "interleaved: onnxruntime,torch.")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per sub-net and engine (median).")] = 50,
+    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace the deployable was built "
+                                                                             "from (default: the one it "
+                                                                             "records).")] = None,
+    record: Annotated[bool, typer.Option(help="Store the measured latencies in the manifest (budget "
+                                              "selection uses them).")] = True,
+    json_output: JsonOption = False,
+) -> None:
+    """Per sub-net median latency and max error against PyTorch; with --compare, ONNX Runtime and PyTorch too."""
+    from dyncompile.bench import bench_deployable
+    from dyncompile.deployable import read_manifest, record_latencies
+
+    engines = tuple(e.strip() for e in compare.split(",") if e.strip()) if compare else ()
+    manifest = read_manifest(deployable)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(manifest["subnets"]))
+
+        done = [0]
+
+        def advance(name: str) -> None:
+            progress.update(task, description=f"benchmarking {name}", completed=done[0])
+            done[0] += 1
+
+        rows = bench_deployable(deployable, workspace=workspace, rpc=rpc, compare=engines, repeats=repeats,
+                                progress=advance)
+    if record:
+        where = f"board at {rpc}" if rpc else "this machine"
+        record_latencies(deployable, {r.name: r.tvm_ms for r in rows},
+                         how={"where": where, "statistic": "median", "repeats": repeats, "warmup": 3,
+                              "batch": manifest["input"]["batch_size"], "by": "dyncompile bench"})
+    if json_output:
+        _print_json([r.to_json() for r in rows])
+        return
+    table = Table(title=f"dyncompile bench {deployable} ({manifest['target']['name']}, batch "
+                        f"{manifest['input']['batch_size']}, median of {repeats})")
+    for col in ("sub-net", "MMACs", "TVM ms", "GFLOP/s", "max err vs PyTorch",
+                *[f"{e} ms" for e in engines], *[f"TVM/{e}" for e in engines]):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.name, f"{r.macs / 1e6:.2f}", f"{r.tvm_ms:.3f}", f"{r.gflops:.1f}", f"{r.max_error:.2g}",
+                      *[f"{r.compare_ms[e]:.3f}" for e in engines],
+                      *[f"{r.tvm_ms / r.compare_ms[e]:.2f}" for e in engines])
+    out.print(table)
+    if record:
+        out.print(f"latencies recorded in {deployable}/manifest.json (used by --budget-ms)", highlight=False)
