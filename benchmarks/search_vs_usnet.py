@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -131,29 +132,59 @@ def main() -> None:
     p.add_argument("--rank-direction", default="tolerant-first")
     p.add_argument("--methods", default="usnet,progressive")
     p.add_argument("--work", type=Path, default=Path("/tmp/dyncompile-bench-search"))
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with "
+                   "torch threads = cores / jobs (seeds and methods are independent)")
+    p.add_argument("--reuse", action="store_true", help="reuse the trained full model and workspace in --work")
+    p.add_argument("--single", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search_vs_usnet.json")
     args = p.parse_args()
     args.subnets = [float(b) for b in args.subnets.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
-
     base, weights = args.work / "base-workspace", args.work / "full.pt"
-    print(f"1. training the shared full model ({args.full_epochs} epochs, {args.train_limit} images)", flush=True)
-    full = train_full_model(weights, train_limit=args.train_limit, epochs=args.full_epochs, batch_size=args.batch_size,
-                            lr=0.1, seed=0)
-    print(f"   full model: {100 * full['test_accuracy']:.2f}% test accuracy, {full['seconds']:.0f} s", flush=True)
-    shutil.rmtree(base, ignore_errors=True)
-    convert(weights, base, args.groups)
+    if args.single:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        method, seed = args.single[0], int(args.single[1])
+        record = run_method(base, args.work, method, seed, args)
+        (args.work / f"{method}-seed{seed}.json").write_text(json.dumps(record))
+        return
 
+    full_record = args.work / "full.json"
+    if args.reuse and full_record.exists() and (base / "workspace.json").exists():
+        full = json.loads(full_record.read_text())
+        print(f"1. reusing the trained full model in {args.work}", flush=True)
+    else:
+        print(f"1. training the shared full model ({args.full_epochs} epochs, {args.train_limit} images)", flush=True)
+        full = train_full_model(weights, train_limit=args.train_limit, epochs=args.full_epochs,
+                                batch_size=args.batch_size, lr=0.1, seed=0)
+        shutil.rmtree(base, ignore_errors=True)
+        convert(weights, base, args.groups)
+        full_record.write_text(json.dumps(full))
+    print(f"   full model: {100 * full['test_accuracy']:.2f}% test accuracy ({full['seconds']:.0f} s to train)", flush=True)
+
+    jobs = [(method, seed) for seed in seeds for method in args.methods.split(",")]
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    passthrough = [a for a in sys.argv[1:] if a != "--reuse"]
+    running: list[tuple[subprocess.Popen, str, int]] = []
     runs = []
-    for seed in seeds:
-        for method in args.methods.split(","):
-            print(f"2. seed {seed}: {method}", flush=True)
-            runs.append(run_method(base, args.work, method, seed, args))
-            r = runs[-1]
+    print(f"2. {len(jobs)} runs, {args.jobs} at a time, {threads} torch thread(s) each", flush=True)
+    while jobs or running:
+        while jobs and len(running) < args.jobs:
+            method, seed = jobs.pop(0)
+            cmd = [sys.executable, __file__, *passthrough, "--single", method, str(seed)]
+            running.append((subprocess.Popen(cmd, env={**os.environ, "BENCH_THREADS": str(threads)}), method, seed))
+        time.sleep(2)
+        for proc, method, seed in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((proc, method, seed))
+            if proc.returncode != 0:
+                raise SystemExit(f"{method} seed {seed} failed (exit {proc.returncode})")
+            r = json.loads((args.work / f"{method}-seed{seed}.json").read_text())
+            runs.append(r)
             print(f"   {method} seed {seed}: " + ", ".join(f"{b}: {100 * s['accuracy']:.2f}% @ {100 * s['macs_fraction']:.1f}% MACs"
                                                          for b, s in r["subnets"].items()) + f" ({r['wall_s']:.0f} s)", flush=True)
+    runs.sort(key=lambda r: (r["seed"], r["method"]))
 
     rows = table(runs, args.subnets)
     print()

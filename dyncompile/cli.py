@@ -95,17 +95,30 @@ def convert(
 ) -> None:
     """Trace MODEL, find coupled channels, split them into groups, and save a slimmable model in a workspace."""
     from dyncompile.convert import convert as run_convert
-    from dyncompile.errors import ConfigError
+    from dyncompile.errors import ConfigError, UntrustedPickleError
     from dyncompile.loading import parse_input_shape
     from dyncompile.passes.couple import GROUPED_CONV_MODES
 
     if grouped_conv not in GROUPED_CONV_MODES:
         raise ConfigError(f"--grouped-conv must be one of {', '.join(GROUPED_CONV_MODES)}")
     shape = parse_input_shape(input_shape) if input_shape else None
-    with console.status("converting…") as status:
-        result = run_convert(model, workspace=workspace, groups=groups, input_shape=shape, leaf_modules=tuple(leaf or ()),
-                             arch=arch, trust_pickle=trust_pickle, grouped_conv_mode=grouped_conv,
-                             step=lambda s: status.update(f"converting: {s}…"))
+
+    def attempt(trust: bool):
+        with console.status("converting…") as status:
+            return run_convert(model, workspace=workspace, groups=groups, input_shape=shape,
+                               leaf_modules=tuple(leaf or ()), arch=arch, trust_pickle=trust,
+                               grouped_conv_mode=grouped_conv, step=lambda s: status.update(f"converting: {s}…"))
+
+    try:
+        result = attempt(trust_pickle)
+    except UntrustedPickleError as exc:
+        # At a terminal, ask: answering yes is the explicit opt-in. Scripts (no terminal) get the one-line error.
+        if json_output or not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise
+        console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        if not typer.confirm(f"Load '{model}' and run its code?", default=False, err=True):
+            raise
+        result = attempt(True)
     if json_output:
         _print_json(result.to_json())
         return
@@ -198,9 +211,18 @@ def inspect(workspace: WorkspaceOption = Path(DEFAULT_WORKSPACE), json_output: J
             out.print(f"  • {why}", highlight=False)
 
 
+# the other commands live in their own modules and register themselves on `app`
+from dyncompile import cli_deploy  # noqa: E402,F401  (registers build/run/bench)
+from dyncompile import cli_report  # noqa: E402,F401  (registers report)
+from dyncompile import cli_search  # noqa: E402,F401  (registers search)
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m dyncompile.cli`: run the app of the imported module, the one the other command modules extend
+    from dyncompile.cli import main as imported_main
+
+    imported_main()

@@ -9,6 +9,10 @@ class ModelLoadError(DyncompileError):
     """The model file, factory or state dict could not be loaded."""
 
 
+class UntrustedPickleError(ModelLoadError):
+    """The file is a pickled module: loading it runs its code, which needs the user's explicit opt-in."""
+
+
 class TraceError(DyncompileError):
     """torch.fx could not trace the model, even after the fallbacks."""
 

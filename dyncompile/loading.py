@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyncompile.errors import ModelLoadError
+from dyncompile.errors import ModelLoadError, UntrustedPickleError
 from dyncompile.fileio import sha256_file as _sha256
 
 __all__ = ["ModelSource", "load_model", "import_factory", "parse_input_shape", "guess_input_shape"]
@@ -94,7 +94,7 @@ def load_model(source: str, *, arch: str | None = None, trust_pickle: bool = Fal
                              f"{str(exc).splitlines()[0][:120]})") from None
     if obj is None:
         if not trust_pickle:
-            raise ModelLoadError(f"'{source}' holds a pickled Python object (a whole model): loading it runs code from the "
+            raise UntrustedPickleError(f"'{source}' holds a pickled Python object (a whole model): loading it runs code from the "
                                  f"file. Pass --trust-pickle if you trust it, or save model.state_dict() and pass --arch")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -12,13 +12,13 @@ to `SearchResult.history`.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from dyncompile.workspace import load_workspace
 __all__ = ["SearchOptions", "SearchRun", "run_search"]
 
 METHODS = ("progressive", "usnet")
+RANK_DIGEST_ENV = "DYNCOMPILE_SEARCH_RANK_DIGEST"  # tests: a path prefix each rank writes its digest to
 
 
 @dataclass
@@ -132,6 +133,9 @@ class SearchRun:
             saved = self.checkpoint.load()
             if saved is not None:
                 self._restore(saved)
+            elif self.checkpoint.path.is_file():  # silently starting over would throw the user's run away
+                raise ConfigError(f"the checkpoint in '{self.checkpoint.path}' was made with other options: resume "
+                                  f"with the same options, or pass --restart to discard it")
         self.log.reset(self.state["log_lines"])
         self.full_macs = self.macs(None)
 
@@ -315,7 +319,7 @@ class SearchRun:
         untrained = self.state["values"]["given_search_accuracy"] < 1.5 / self.splits.num_classes
         epochs = o.train_full if o.train_full is not None else (o.epochs if untrained else 0)
         if epochs and self.phase("train-full"):
-            if untrained and o.train_full is None:
+            if untrained and o.train_full is None and not self.state.get("train"):  # not again when resumed inside
                 self.event("note", text=f"the model scores {self.state['values']['given_search_accuracy']:.1%} "
                                         f"(chance level): training it at full width for {epochs:g} epochs first")
             start = time.monotonic()
@@ -335,9 +339,29 @@ class SearchRun:
             wall_s=round(self.wall_s, 1))
         if self.procs.main:
             save_search_result(self.workspace, result, self.net.full.state_dict(), {r.name: s for r, s in records})
+        if os.environ.get(RANK_DIGEST_ENV):
+            self._write_rank_digest(os.environ[RANK_DIGEST_ENV], result, records)
         self.checkpoint.remove()
         self.procs.barrier()
         return result
+
+    def _write_rank_digest(self, prefix: str, result: SearchResult, records) -> None:
+        """Every rank writes `<prefix>.rank<R>.json`: SHA-256 of its final weights and BN statistics, its chosen
+        sub-nets and accuracies (the torchrun test checks that all ranks agree)."""
+        def digest(tensors: dict[str, torch.Tensor]) -> str:
+            h = hashlib.sha256()
+            for name in sorted(tensors):
+                h.update(name.encode())
+                h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+            return h.hexdigest()
+
+        record = {"rank": self.procs.rank, "world_size": self.procs.world_size,
+                  "weights": digest(self.net.full.state_dict()),
+                  "bn": {r.name: digest(s) for r, s in records},
+                  "subnets": [{"name": r.name, "config": r.config, "accuracy": r.accuracy,
+                               "search_accuracy": r.search_accuracy} for r, _ in records],
+                  "group_order": result.group_order}
+        Path(f"{prefix}.rank{self.procs.rank}.json").write_text(json.dumps(record, indent=1))
 
     def run(self) -> SearchResult:
         if self.options.method == "usnet":
