@@ -34,7 +34,7 @@ import numpy as np
 
 import dyncompile
 from dyncompile.errors import DyncompileError
-from dyncompile.fileio import check_checksums, sha256_file
+from dyncompile.fileio import check_checksums, sha256_file, write_errors
 
 __all__ = ["DeployableError", "ParamSlice", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
            "write_deployable", "read_manifest", "record_latencies"]
@@ -137,11 +137,17 @@ def write_deployable(out: str | Path, result, dg, *, model: dict | None = None,
     about the source model to record (e.g. the workspace's model spec). `accuracy`: per sub-net, from search;
     `search`: which search result the sub-nets come from (recorded as given).
     """
-    from dyncompile.targets import get_target
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise DeployableError(f"'{out}' exists and is not a deployable; choose another output folder (-o)")
+    with write_errors(out, "an existing deployable there is unchanged"):
+        return _write_deployable(out, result, dg, model=model, accuracy=accuracy, search=search)
+
+
+def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: dict[str, float] | None,
+                      search: dict | None) -> Path:
+    from dyncompile.targets import get_target
+
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
@@ -245,8 +251,12 @@ def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict
             s["latency_ms"] = value
     manifest["latency"] = how or manifest.get("latency") or {}
     tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(_dumps(manifest))
-    _fsync(tmp)
-    os.replace(tmp, path / MANIFEST)
-    _fsync(path)
+    with write_errors(path / MANIFEST, "the deployable is unchanged"):
+        try:
+            tmp.write_text(_dumps(manifest))
+            _fsync(tmp)
+            os.replace(tmp, path / MANIFEST)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync(path)
     return manifest

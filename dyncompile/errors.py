@@ -27,3 +27,7 @@ class ConfigError(DyncompileError):
 
 class DatasetError(DyncompileError):
     """A dataset folder is unreadable: unrecognised, truncated, inconsistent or unsafe."""
+
+
+class WriteError(DyncompileError):
+    """An output could not be written (disk full, file too large, no permission); the previous one is kept."""

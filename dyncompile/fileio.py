@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["sha256_file", "check_checksums"]
+__all__ = ["sha256_file", "check_checksums", "write_errors"]
+
+
+@contextmanager
+def write_errors(what: str | Path, kept: str) -> Iterator[None]:
+    """An OSError while writing `what` becomes one line (`WriteError`) saying that `kept` was left as it was."""
+    from dyncompile.errors import WriteError
+
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise WriteError(f"cannot write '{what}': {reason} (disk full?); {kept}") from None
 
 
 def sha256_file(path: str | Path) -> str:

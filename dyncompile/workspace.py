@@ -28,7 +28,7 @@ import torch
 
 import dyncompile
 from dyncompile.errors import WorkspaceError
-from dyncompile.fileio import check_checksums, sha256_file as _sha256
+from dyncompile.fileio import check_checksums, sha256_file as _sha256, write_errors
 from dyncompile.graph_io import is_safe_module, load_graph_module, save_graph_module
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, import_factory
@@ -60,6 +60,13 @@ def save_workspace(path: str | Path, dg: DynGraph, source: ModelSource, referenc
                    *, leaf_modules: tuple[str, ...], grouped_conv_mode: str, macs: int, params: int) -> Path:
     """Write (or replace) the convert outputs of a workspace, atomically per file, spec last."""
     path = Path(path)
+    with write_errors(path, "an existing workspace there is unchanged"):
+        return _save_workspace(path, dg, source, reference, leaf_modules=leaf_modules,
+                               grouped_conv_mode=grouped_conv_mode, macs=macs, params=params)
+
+
+def _save_workspace(path: Path, dg: DynGraph, source: ModelSource, reference: tuple[torch.Tensor, torch.Tensor],
+                    *, leaf_modules: tuple[str, ...], grouped_conv_mode: str, macs: int, params: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     external = _external_modules(dg, leaf_modules, source)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=path))

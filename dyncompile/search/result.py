@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dyncompile.errors import WorkspaceError
-from dyncompile.fileio import check_checksums, sha256_file
+from dyncompile.fileio import check_checksums, sha256_file, write_errors
 from dyncompile.ir import DynGraph, SubnetConfig
 
 __all__ = ["SEARCH_DIR", "SubnetRecord", "SearchResult", "save_search_result", "load_search_result",
@@ -95,6 +95,12 @@ def _fsync_replace(src: Path, dst: Path) -> None:
 def save_search_result(workspace: str | Path, result: SearchResult, state_dict: dict[str, torch.Tensor],
                        bn_statistics: dict[str, dict[str, torch.Tensor]], *, make_current: bool = True) -> Path:
     """Write `<workspace>/search/<method>/` atomically (result.json last) and point current.json at it."""
+    with write_errors(result_dir(workspace, result.method), "an earlier search result there is unchanged"):
+        return _save_search_result(workspace, result, state_dict, bn_statistics, make_current=make_current)
+
+
+def _save_search_result(workspace: str | Path, result: SearchResult, state_dict: dict[str, torch.Tensor],
+                        bn_statistics: dict[str, dict[str, torch.Tensor]], *, make_current: bool) -> Path:
     out = result_dir(workspace, result.method)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
@@ -111,8 +117,11 @@ def save_search_result(workspace: str | Path, result: SearchResult, state_dict: 
     if make_current:
         current = Path(workspace) / SEARCH_DIR / CURRENT_FILE
         tmp = current.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"method": result.method}))
-        _fsync_replace(tmp, current)
+        try:
+            tmp.write_text(json.dumps({"method": result.method}))
+            _fsync_replace(tmp, current)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
 
 

@@ -178,9 +178,15 @@ class EventLog:
         self.path = Path(path)
         self.procs = procs
         self.count = 0
+        self._keep: int | None = None
 
     def reset(self, keep: int) -> None:
+        """Cut the log back to `keep` lines, at the first write: a run that fails before its first event (a bad
+        option found late) leaves an earlier run's log as it was."""
         self.count = keep
+        self._keep = keep
+
+    def _cut(self, keep: int) -> None:
         if not self.procs.main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +196,9 @@ class EventLog:
         os.replace(tmp, self.path)
 
     def write(self, event: dict[str, Any]) -> None:
+        if self._keep is not None:
+            self._cut(self._keep)
+            self._keep = None
         self.count += 1
         if self.procs.main:
             with open(self.path, "a") as f:
