@@ -7,9 +7,7 @@ and `dyncompile.bench`.
 from __future__ import annotations
 
 import inspect
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -183,19 +181,16 @@ def build(
 
 
 def _save_npy(path: Path, array) -> None:
+    import io
+
     import numpy as np
 
+    from dyncompile.fileio import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
 
 
 def _load_npy(path: Path):

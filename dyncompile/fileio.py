@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["sha256_file", "check_checksums", "write_errors"]
+__all__ = ["sha256_file", "check_checksums", "write_errors", "replace_durably", "write_atomic"]
 
 
 @contextmanager
@@ -41,3 +42,32 @@ def check_checksums(folder: str | Path, files: dict[str, str], error: type[Excep
             raise error(missing.format(file=file))
         if sha256_file(file) != digest:
             raise error(changed.format(file=file))
+
+
+def replace_durably(src: str | Path, dst: str | Path) -> None:
+    """Flush `src` to disk, then rename it over `dst`: a crash leaves either the old or the new file, whole."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it (usual permissions, not mkstemp's 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -24,8 +24,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 import dyncompile
 from dyncompile.deployable import MANIFEST, read_manifest
 from dyncompile.errors import DyncompileError
-from dyncompile.fileio import sha256_file
+from dyncompile.fileio import sha256_file, write_atomic
 from dyncompile.search.result import RESULT_FILE, SEARCH_DIR, load_search_result
 from dyncompile.workspace import read_spec
 
@@ -755,26 +753,6 @@ def _page(data: dict, body: str) -> str:
 
 # ── writing ──
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _built_from(data: dict, deployable: dict) -> tuple[dict | None, bool]:
     """(the search result a deployable's sub-nets come from, whether that result changed since the build)."""
     search = deployable.get("search") or {}
@@ -832,9 +810,9 @@ def make_report(workspace: str | Path, out_html: str | Path | None = None) -> Re
         if png is None:
             path.unlink(missing_ok=True)  # a plot from an earlier report whose data is gone would mislead
             continue
-        _write_atomic(path, png)
+        write_atomic(path, png)
         written.append(path)
-    _write_atomic(out_html, _page(data, body).encode("utf-8"))
+    write_atomic(out_html, _page(data, body).encode("utf-8"))
     return Report(html=out_html, plots=tuple(written), missing=tuple(missing))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 
 import dyncompile
 from dyncompile.errors import WorkspaceError
-from dyncompile.fileio import check_checksums, sha256_file as _sha256, write_errors
+from dyncompile.fileio import check_checksums, replace_durably, sha256_file as _sha256, write_errors
 from dyncompile.graph_io import is_safe_module, load_graph_module, save_graph_module
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, import_factory
@@ -96,9 +95,7 @@ def _save_workspace(path: Path, dg: DynGraph, source: ModelSource, reference: tu
         }
         (staging / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         for name in (*files, SPEC_FILE):
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(staging / name, path / name)
+            replace_durably(staging / name, path / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

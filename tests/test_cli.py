@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from dyncompile.cli import app
+from tests.cli_assertions import assert_one_line_error
 
 FACTORY = "examples.zoo.resnet:resnet20_cifar"
 SHAPE = "1,3,32,32"
@@ -21,16 +22,6 @@ runner = CliRunner()
 def run(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result
-
-
-def assert_one_line_error(result, *fragments, code=2):
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    text = " ".join(result.stderr.split())
-    for fragment in fragments:
-        assert fragment in text, text
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.search.result import (SearchResult, SubnetRecord, apply_result, save_search_result,
                                       subnet_weights)
 from dyncompile.workspace import load_workspace
+from tests.cli_assertions import assert_one_line_error
 
 runner = CliRunner()
 
@@ -42,16 +43,6 @@ TINY = textwrap.dedent("""
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments, code=2):
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert "Traceback" not in result.output
-    text = " ".join(result.stderr.split())
-    for fragment in fragments:
-        assert fragment in text, text
 
 
 @pytest.fixture(scope="module")

@@ -247,7 +247,7 @@ def test_report_keeps_the_old_page_when_writing_fails(plain_workspace, tmp_path,
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("dyncompile.report.os.replace", fail)
+    monkeypatch.setattr("dyncompile.fileio.os.replace", fail)  # the report writes through fileio.write_atomic
     with pytest.raises(OSError):
         write_report(plain_workspace, out)
     assert out.read_bytes() == before

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dyncompile.errors import WorkspaceError
-from dyncompile.fileio import check_checksums, sha256_file, write_errors
+from dyncompile.fileio import check_checksums, replace_durably, sha256_file, write_errors
 from dyncompile.ir import DynGraph, SubnetConfig
 
 __all__ = ["SEARCH_DIR", "SubnetRecord", "SearchResult", "save_search_result", "load_search_result",
@@ -86,12 +85,6 @@ def result_dir(workspace: str | Path, method: str) -> Path:
     return Path(workspace) / SEARCH_DIR / method
 
 
-def _fsync_replace(src: Path, dst: Path) -> None:
-    with open(src, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(src, dst)
-
-
 def save_search_result(workspace: str | Path, result: SearchResult, state_dict: dict[str, torch.Tensor],
                        bn_statistics: dict[str, dict[str, torch.Tensor]], *, make_current: bool = True) -> Path:
     """Write `<workspace>/search/<method>/` atomically (result.json last) and point current.json at it."""
@@ -111,7 +104,7 @@ def _save_search_result(workspace: str | Path, result: SearchResult, state_dict:
         record = {"format": FORMAT_VERSION, **result.to_json(), "files": files}
         (staging / RESULT_FILE).write_text(json.dumps(record, indent=1))
         for name in (*files, RESULT_FILE):
-            _fsync_replace(staging / name, out / name)
+            replace_durably(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if make_current:
@@ -119,7 +112,7 @@ def _save_search_result(workspace: str | Path, result: SearchResult, state_dict:
         tmp = current.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps({"method": result.method}))
-            _fsync_replace(tmp, current)
+            replace_durably(tmp, current)
         finally:
             tmp.unlink(missing_ok=True)
     return out

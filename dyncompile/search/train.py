@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dyncompile.fileio import replace_durably
 from dyncompile.ir import SubnetConfig
 from dyncompile.search.subnets import SharedSubnets, soft_cross_entropy
 
@@ -160,9 +161,7 @@ class Checkpoint:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         torch.save({**state, "fingerprint": self.fingerprint}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_durably(tmp, self.path)
 
     def remove(self) -> None:
         if self.procs.main and self.path.exists():
