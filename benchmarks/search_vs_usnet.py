@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from dyncompile.data import loader, open_dataset  # noqa: E402
 from dyncompile.search.run import SearchOptions, SearchRun  # noqa: E402
+from dyncompile.ir import uniform_config  # noqa: E402
 from dyncompile.search.train import cosine_lr, make_optimizer  # noqa: E402
+from dyncompile.search.usnet import uniform_widths  # noqa: E402
 from examples.zoo.resnet import resnet20_fashion  # noqa: E402
 
 INPUT_SHAPE = (1, 1, 28, 28)
@@ -79,7 +81,8 @@ def run_method(base: Path, work: Path, method: str, seed: int, args) -> dict:
     shutil.copytree(base, ws)
     options = SearchOptions(method=method, seed=seed, epochs=args.epochs, train_limit=args.train_limit,
                             val_limit=args.val_limit, subnets=tuple(args.subnets), batch_size=args.batch_size,
-                            lr=args.lr, train_full=0, rank=args.rank, rank_direction=args.rank_direction)
+                            lr=args.lr, train_full=0, rank=args.rank, rank_direction=args.rank_direction,
+                            joint_pool=args.joint_pool, budget_window=args.budget_window)
     last = {"t": 0.0}
 
     def progress(kind, **info):
@@ -90,12 +93,30 @@ def run_method(base: Path, work: Path, method: str, seed: int, args) -> dict:
                       flush=True)
 
     start = time.time()
-    result = SearchRun(ws, options, progress=progress).run()
+    run = SearchRun(ws, options, progress=progress)
+    result = run.run()
     wall = time.time() - start
     finetunes = [e for e in result.history if e["event"] == "finetune"]
-    return {"method": method, "seed": seed, "wall_s": round(wall, 1), "finetunes": len(finetunes),
-            "subnets": {f"{s.budget:g}": {"macs_fraction": s.macs_fraction, "accuracy": s.accuracy,
-                                          "config": s.config} for s in result.subnets}}
+    record = {"method": method, "seed": seed, "wall_s": round(wall, 1), "finetunes": len(finetunes),
+              "subnets": {f"{s.budget:g}": {"macs_fraction": s.macs_fraction, "accuracy": s.accuracy,
+                                            "config": s.config} for s in result.subnets}}
+    if method == "usnet":
+        # US-Nets can run any uniform width: measure them all (own BN calibration each), so that progressive's
+        # picks can also be compared with US-Nets at the same MACs (interpolated between neighbouring widths).
+        record["curve"] = []
+        for w in uniform_widths(run.dg, options.min_width):
+            rec, _ = run.record(f"w{w:g}", uniform_config(run.dg, w), None)
+            record["curve"].append({"width": w, "macs_fraction": rec.macs_fraction, "accuracy": rec.accuracy})
+    return record
+
+
+def usnet_at(curve: list[dict], macs_fraction: float) -> float | None:
+    """US-Nets accuracy at a MACs fraction, linear between its two neighbouring widths (None outside them)."""
+    points = sorted((c["macs_fraction"], c["accuracy"]) for c in curve)
+    for (m0, a0), (m1, a1) in zip(points, points[1:]):
+        if m0 - 1e-9 <= macs_fraction <= m1 + 1e-9:
+            return a0 + (a1 - a0) * (macs_fraction - m0) / (m1 - m0) if m1 > m0 else a1
+    return None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -113,6 +134,15 @@ def table(runs: list[dict], budgets: list[float]) -> list[dict]:
                            "macs_fraction": _mean_std([r["subnets"][key]["macs_fraction"] for r in rs]),
                            "per_seed": [r["subnets"][key]["accuracy"] for r in rs]}
         row["difference"] = row["progressive"]["accuracy"][0] - row["usnet"]["accuracy"][0]
+        # Paired by seed: progressive's pick against the same seed's US-Nets at exactly that MACs fraction.
+        matched = []
+        for pr in (r for r in runs if r["method"] == "progressive"):
+            us = next((r for r in runs if r["method"] == "usnet" and r["seed"] == pr["seed"] and "curve" in r), None)
+            at = usnet_at(us["curve"], pr["subnets"][key]["macs_fraction"]) if us else None
+            if at is not None:
+                matched.append(pr["subnets"][key]["accuracy"] - at)
+        row["matched_difference"] = _mean_std(matched) if matched else None
+        row["matched_per_seed"] = matched
         rows.append(row)
     return rows
 
@@ -125,11 +155,13 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=3.0, help="multi-sub-net training epochs (both methods)")
     p.add_argument("--full-epochs", type=int, default=5, help="full-width training of the shared starting model")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--subnets", default="0.1,0.25,0.5,1.0")
     p.add_argument("--rank", default="noise")
     p.add_argument("--rank-direction", default="tolerant-first")
+    p.add_argument("--joint-pool", default="chosen")
+    p.add_argument("--budget-window", default="around")
     p.add_argument("--methods", default="usnet,progressive")
     p.add_argument("--work", type=Path, default=Path("/tmp/dyncompile-bench-search"))
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with "
@@ -162,7 +194,8 @@ def main() -> None:
         full_record.write_text(json.dumps(full))
     print(f"   full model: {100 * full['test_accuracy']:.2f}% test accuracy ({full['seconds']:.0f} s to train)", flush=True)
 
-    jobs = [(method, seed) for seed in seeds for method in args.methods.split(",")]
+    # The long runs (progressive) first, so that the short ones fill the gaps at the end.
+    jobs = sorted(((m, s) for s in seeds for m in args.methods.split(",")), key=lambda j: (j[0] != "progressive", j[1]))
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     passthrough = [a for a in sys.argv[1:] if a != "--reuse"]
     running: list[tuple[subprocess.Popen, str, int]] = []
@@ -191,11 +224,16 @@ def main() -> None:
     print(f"ResNet-20 on Fashion-MNIST ({args.train_limit} training images, full test set"
           f"{'' if args.val_limit is None else f' cut to {args.val_limit}'}), groups {args.groups}, "
           f"{args.epochs:g} epochs, seeds {args.seeds}; mean ± std over seeds")
-    print(f"{'budget':>7} | {'US-Nets MACs':>12} | {'US-Nets acc':>14} | {'prog. MACs':>10} | {'progressive acc':>15} | {'diff':>6}")
+    print(f"{'budget':>7} | {'US-Nets MACs':>12} | {'US-Nets acc':>14} | {'prog. MACs':>10} | {'progressive acc':>15} | "
+          f"{'diff':>6} | {'diff at prog. MACs':>18}")
     for row in rows:
-        u, pr = row["usnet"], row["progressive"]
+        u, pr, m = row["usnet"], row["progressive"], row["matched_difference"]
+        matched = f"{100 * m[0]:+6.2f} ± {100 * m[1]:4.2f}" if m else "n/a"
         print(f"{100 * row['budget']:6.0f}% | {100 * u['macs_fraction'][0]:11.1f}% | {100 * u['accuracy'][0]:7.2f} ± {100 * u['accuracy'][1]:4.2f} | "
-              f"{100 * pr['macs_fraction'][0]:9.1f}% | {100 * pr['accuracy'][0]:8.2f} ± {100 * pr['accuracy'][1]:4.2f} | {100 * row['difference']:+5.2f}")
+              f"{100 * pr['macs_fraction'][0]:9.1f}% | {100 * pr['accuracy'][0]:8.2f} ± {100 * pr['accuracy'][1]:4.2f} | "
+              f"{100 * row['difference']:+6.2f} | {matched:>18}")
+    print("diff at prog. MACs: progressive minus the same seed's US-Nets interpolated to progressive's MACs "
+          "(between its two neighbouring uniform widths; n/a below its smallest width)")
     for method in ("usnet", "progressive"):
         walls = [r["wall_s"] for r in runs if r["method"] == method]
         if walls:

@@ -89,7 +89,8 @@ def search(
     method: Annotated[str, typer.Option(help="progressive (Yang et al. 2020) or usnet (the US-Nets baseline).")] = "progressive",
     epochs: Annotated[float, typer.Option(help="Epochs of the final multi-sub-net training (US-Nets: its training).")] = 5.0,
     batch_size: Annotated[int, typer.Option(help="Training batch size (over all processes).")] = 128,
-    lr: Annotated[float, typer.Option(help="Learning rate of the multi-sub-net training (cosine decay).")] = 0.05,
+    lr: Annotated[float, typer.Option(help="Learning rate of the multi-sub-net training (cosine decay; the model "
+                                           "arrives trained, so a fine-tuning rate).")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seed of the data split, order and every random draw.")] = 0,
     train_limit: Annotated[int | None, typer.Option(help="Train on this many images (a fixed subset).")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Validate on this many test images (a fixed subset).")] = None,
@@ -107,6 +108,12 @@ def search(
     threshold_mode: Annotated[str, typer.Option(help="drop or absolute.")] = "drop",
     finetune_epochs: Annotated[float, typer.Option(help="Epoch cap of one fine-tune.")] = 1.0,
     tolerance: Annotated[float, typer.Option(help="Re-selection window around each budget (MACs fraction).")] = 0.05,
+    budget_window: Annotated[str, typer.Option(help="around: pick within budget ± tolerance (the paper); under: "
+                                                    "within [budget - tolerance, budget], never over.")] = "around",
+    joint_pool: Annotated[str, typer.Option(help="Joint training's middle sub-nets: chosen (what ships) or chain "
+                                                 "(the whole filtered chain).")] = "chosen",
+    remeasure: Annotated[bool, typer.Option(help="Re-measure every candidate before filtering (fine-tunes after "
+                                                 "a step change its accuracy).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search from its checkpoint.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an interrupted search's checkpoint.")] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", hidden=True,
@@ -123,6 +130,7 @@ def search(
                             train_full=train_full, rank=rank, rank_direction=rank_direction, noise_epochs=noise_epochs,
                             noise_init=noise_init, floor=floor, finetune_threshold=finetune_threshold,
                             threshold_mode=threshold_mode, finetune_epochs=finetune_epochs, tolerance=tolerance,
+                            budget_window=budget_window, joint_pool=joint_pool, remeasure_chain=remeasure,
                             checkpoint_every_s=checkpoint_every)
     options.check()
     checkpoint = result_dir(workspace, method) / "checkpoint.pt"

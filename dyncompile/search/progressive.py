@@ -6,9 +6,10 @@
              scores each candidate on the held-out search split (BN on batch statistics), commits the best.
              Every committed step is a candidate sub-net. Below the fine-tuning threshold, the current sub-net
              is fine-tuned jointly with the larger ones until it is back over it (or the epoch cap).
-3. select    drop candidates dominated by a smaller, more accurate one (those measured just before a
-             fine-tune); per requested budget keep the most accurate candidate within ±tolerance MACs.
-4. joint     multi-sub-net training: largest on labels, smallest and two chain members distilled from it.
+3. select    re-measure every candidate with the current weights (`remeasure_chain`), drop candidates dominated
+             by a smaller, more accurate one; per budget keep the most accurate one within ±tolerance MACs.
+4. joint     multi-sub-net training: largest on labels, smallest and two more sub-nets distilled from it
+             (`joint_pool`: drawn from the chosen sub-nets, the default, or from the whole filtered chain).
 5. calibrate BN statistics per chosen sub-net, then the test split.
 
 `shrink_candidates`, `floor_groups`, `filter_chain` and `select_for_budgets` are plain functions (tested alone).
@@ -62,14 +63,17 @@ def filter_chain(chain: list[dict]) -> list[dict]:
     return [chain[0], *sorted(kept, key=lambda e: -e["macs_fraction"])]
 
 
-def select_for_budgets(chain: list[dict], budgets: list[float], tolerance: float) -> dict[float, dict]:
-    """Per budget: the most accurate candidate within ±tolerance MACs fraction; if none is that close, the
-    largest one under the budget. Raises ConfigError when no candidate is at or under budget + tolerance."""
+def select_for_budgets(chain: list[dict], budgets: list[float], tolerance: float,
+                       window: str = "around") -> dict[float, dict]:
+    """Per budget: the most accurate candidate within ±tolerance MACs fraction (`window="around"`, the paper's
+    re-selection) or within [budget - tolerance, budget] (`"under"`: a budget is a cap); if none is that close,
+    the largest one under the budget. Raises ConfigError when no candidate is at or under the budget."""
     chosen = {}
     for b in budgets:
-        window = [e for e in chain if abs(e["macs_fraction"] - b) <= tolerance + 1e-9]
-        if window:
-            chosen[b] = max(window, key=lambda e: (e["accuracy"], -e["macs_fraction"]))
+        high = b + (tolerance if window == "around" else 0.0)
+        window_entries = [e for e in chain if b - tolerance - 1e-9 <= e["macs_fraction"] <= high + 1e-9]
+        if window_entries:
+            chosen[b] = max(window_entries, key=lambda e: (e["accuracy"], -e["macs_fraction"]))
             continue
         under = [e for e in chain if e["macs_fraction"] <= b]
         if not under:
@@ -192,8 +196,16 @@ def _select(run) -> None:
     if not run.phase("select"):
         return
     chain = v["search"]["chain"]
+    if o.remeasure_chain:
+        # A candidate's accuracy was measured when it was committed; every later fine-tune changed the shared
+        # weights. Filtering on those stale numbers drops larger candidates as "dominated" by smaller,
+        # fine-tuned ones and empties the windows of the larger budgets. Measure them all again, now.
+        for entry in chain:
+            entry.setdefault("accuracy_at_step", entry["accuracy"])
+            entry["accuracy"] = run.accuracy(entry["config"] if entry["step"] else None, "search", bn="batch")
+        run.event("remeasure", accuracies=[round(e["accuracy"], 4) for e in chain])
     filtered = filter_chain(chain)
-    chosen = select_for_budgets(filtered, sorted(o.subnets), o.tolerance)
+    chosen = select_for_budgets(filtered, sorted(o.subnets), o.tolerance, o.budget_window)
     v["filtered_steps"] = [e["step"] for e in filtered]
     v["chosen"] = {str(b): e["step"] for b, e in chosen.items()}
     run.event("select", candidates=len(chain), kept=len(filtered),
@@ -208,8 +220,14 @@ def _joint_train(run) -> None:
         return
     by_step = {e["step"]: e for e in v["search"]["chain"]}
     filtered = [by_step[i]["config"] for i in v["filtered_steps"]]
-    smallest = filtered[-1]
-    middle = filtered[1:-1] or filtered[-1:]
+    smallest, middle = filtered[-1], filtered[1:-1] or filtered[-1:]
+    if o.joint_pool == "chosen":
+        # Train what ships: the chosen sub-nets (largest first); the chain only when there is no middle one.
+        steps = sorted({i for i in v["chosen"].values() if i != 0})
+        if steps:
+            larger_in_chain = [by_step[i]["config"] for i in v["filtered_steps"] if 0 < i < steps[-1]]
+            smallest = by_step[steps[-1]]["config"]
+            middle = [by_step[i]["config"] for i in steps[:-1]] or larger_in_chain or [smallest]
 
     def configs_for(step, gen):
         picks = torch.randint(len(middle), (2,), generator=gen).tolist()

@@ -48,7 +48,7 @@ class SearchOptions:
     subnets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # requested MACs fractions of the full model
     epochs: float = 5.0  # final joint training (progressive) / US-Nets training
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = 0.01  # the model arrives trained: fine-tuning rate, not from-scratch (0.1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
@@ -72,6 +72,9 @@ class SearchOptions:
     finetune_checks: int = 4  # accuracy checks per fine-tune epoch (stop once back over the threshold)
     finetune_lr: float = 0.01
     tolerance: float = 0.05  # re-selection window around each budget, in MACs fraction
+    budget_window: str = "around"  # "around": budget ± tolerance (paper); "under": [budget - tolerance, budget]
+    remeasure_chain: bool = True  # re-measure every candidate before filtering (fine-tunes made them stale)
+    joint_pool: str = "chosen"  # joint training's two middle sub-nets: from the chosen ones or the whole chain
     # US-Nets
     min_width: float = 0.25
     sandwich_random: int = 2  # random sub-nets per step besides the largest and the smallest
@@ -87,6 +90,10 @@ class SearchOptions:
             raise ConfigError(f"--rank '{self.rank}' is unknown; use noise or l1")
         if self.rank_direction not in ("tolerant-first", "sensitive-first"):
             raise ConfigError(f"--rank-direction '{self.rank_direction}' is unknown; use tolerant-first or sensitive-first")
+        if self.budget_window not in ("around", "under"):
+            raise ConfigError(f"--budget-window '{self.budget_window}' is unknown; use around or under")
+        if self.joint_pool not in ("chosen", "chain"):
+            raise ConfigError(f"--joint-pool '{self.joint_pool}' is unknown; use chosen or chain")
         if self.threshold_mode not in ("drop", "absolute"):
             raise ConfigError(f"--threshold-mode '{self.threshold_mode}' is unknown; use drop or absolute")
         if not self.subnets or any(not 0 < b <= 1 for b in self.subnets):

@@ -124,6 +124,16 @@ def test_select_for_budgets_refuses_a_budget_nothing_fits():
     assert select_for_budgets(chain, [0.36], 0.05)[0.36]["step"] == 2
 
 
+
+def test_select_for_budgets_under_never_goes_over_the_budget():
+    chain = [entry(1.0, 0.9, 0), entry(0.54, 0.88, 1), entry(0.50, 0.80, 2), entry(0.47, 0.82, 3),
+             entry(0.27, 0.70, 4), entry(0.22, 0.65, 5)]
+    around = select_for_budgets(chain, [0.25, 0.5], 0.05, "around")
+    under = select_for_budgets(chain, [0.25, 0.5], 0.05, "under")
+    assert around[0.5]["step"] == 1 and around[0.25]["step"] == 4  # 54% and 27%: over the budget
+    assert under[0.5]["step"] == 3 and under[0.25]["step"] == 5  # the best at or under it
+    assert all(e["macs_fraction"] <= b for b, e in under.items())
+
 # ── group_order ──
 
 SCORES = {"a": [0.3, 0.1, 0.5, 0.1], "b": [2.0, 1.0]}

@@ -105,20 +105,23 @@ def test_progressive_subnets_are_nested_and_near_their_budgets(progressive):
 
 
 def test_progressive_records_the_chosen_candidates_accuracy(progressive):
-    """Re-selection stores the accuracy of the chosen chain entry (after its fine-tune, if any)."""
+    """Re-selection re-measures every candidate with the final search weights and stores the accuracy of the
+    chosen chain entry (not the last one tried, not the stale one from when it was committed)."""
     _, _, result = progressive
     steps = {e["step"]: e for e in result.history if e["event"] == "step"}
     finetunes = {e["step"]: e for e in result.history if e["event"] == "finetune"}
     assert finetunes, "the tiny run is meant to exercise fine-tuning (threshold: 2% under the full model)"
-    chosen = next(e for e in result.history if e["event"] == "select")["chosen"]
-    start = next(e for e in result.history if e["event"] == "search-start")
+    select = next(e for e in result.history if e["event"] == "select")
+    remeasured = next(e for e in result.history if e["event"] == "remeasure")["accuracies"]
+    assert len(remeasured) == len(steps) + 1  # the full model and every committed step
     for s in result.subnets:
-        step = chosen[f"{s.budget:g}"]["step"]
-        if step == 0:
-            expected = start["search_accuracy"]
-        else:
-            expected = finetunes[step]["after"] if step in finetunes else steps[step]["accuracy"]
-        assert s.search_accuracy == expected, s.name
+        step = select["chosen"][f"{s.budget:g}"]["step"]
+        assert s.search_accuracy == select["chosen"][f"{s.budget:g}"]["search_accuracy"], s.name
+        assert s.search_accuracy == pytest.approx(remeasured[step], abs=6e-5), s.name
+    # the last step's fine-tune ended the search: its re-measured accuracy is the fine-tuned one
+    last = max(steps)
+    if last in finetunes:
+        assert remeasured[last] == pytest.approx(finetunes[last]["after"], abs=6e-5)
     # the chain: every step drops exactly one group of one set, MACs strictly decrease
     fractions = [steps[i]["macs_fraction"] for i in sorted(steps)]
     assert sorted(steps) == list(range(1, len(steps) + 1))
