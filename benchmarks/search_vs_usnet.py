@@ -82,7 +82,8 @@ def run_method(base: Path, work: Path, method: str, seed: int, args) -> dict:
     options = SearchOptions(method=method, seed=seed, epochs=args.epochs, train_limit=args.train_limit,
                             val_limit=args.val_limit, subnets=tuple(args.subnets), batch_size=args.batch_size,
                             lr=args.lr, train_full=0, rank=args.rank, rank_direction=args.rank_direction,
-                            joint_pool=args.joint_pool, budget_window=args.budget_window)
+                            joint_pool=args.joint_pool, budget_window=args.budget_window,
+                            search_limit=args.search_limit)
     last = {"t": 0.0}
 
     def progress(kind, **info):
@@ -160,6 +161,8 @@ def main() -> None:
     p.add_argument("--subnets", default="0.1,0.25,0.5,1.0")
     p.add_argument("--rank", default="noise")
     p.add_argument("--rank-direction", default="tolerant-first")
+    p.add_argument("--search-limit", type=int, default=None, help="images in the search split (default: 10%% "
+                   "of the training subset)")
     p.add_argument("--joint-pool", default="chosen")
     p.add_argument("--budget-window", default="around")
     p.add_argument("--methods", default="usnet,progressive")

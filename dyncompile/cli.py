@@ -24,8 +24,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-out = Console()
+
+
+def _console(stderr: bool) -> Console:
+    """Rich draws 80 columns wide when the stream is no terminal (CI logs, `| tee`), which cuts table cells to
+    '…'; a log has room, so draw 160 wide there unless COLUMNS says otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=160 if wide else None)
+
+
+console = _console(stderr=True)
+out = _console(stderr=False)
 
 WorkspaceOption = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (made by convert).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]

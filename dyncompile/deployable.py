@@ -129,6 +129,66 @@ def _subnet_record(s, accuracy: float | None) -> dict:
     }
 
 
+def _export_in_child(export, executable, path: Path) -> None:
+    """Run `export(executable, path)` in a forked child.
+
+    LLVM aborts the whole process when it cannot write an object file ("LLVM ERROR: IO failure on output
+    stream"), so a full disk would end a build with a crash instead of one line. In a child, the abort is the
+    child's: its OSError (or the abort, with LLVM's message) comes back here as an OSError that the caller's
+    `write_errors` turns into one line, and the child's stderr is replayed only when export succeeded.
+    """
+    import errno
+    import signal
+    import sys
+
+    if not hasattr(os, "fork"):
+        export(executable, str(path))
+        return
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as child_stderr:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: export, report, never return into the caller's code
+            code = 3
+            try:
+                os.close(read_end)
+                os.dup2(child_stderr.fileno(), 2)
+                try:
+                    export(executable, str(path))
+                    message = "ok"
+                except OSError as exc:
+                    message = f"oserror\n{exc.errno or 0}\n{exc.strerror or exc}"
+                except BaseException as exc:  # noqa: BLE001
+                    message = f"error\n{type(exc).__name__}: {exc}"
+                os.write(write_end, message.encode()[:60000])
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        child_stderr.seek(0)
+        printed = child_stderr.read().decode(errors="replace")
+    kind, _, detail = message.partition("\n")
+    if kind == "ok" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        sys.stderr.write(printed)
+        return
+    if kind == "oserror":
+        number, _, reason = detail.partition("\n")
+        raise OSError(int(number) or errno.EIO, reason)
+    if kind == "error":
+        raise DeployableError(f"exporting the compiled library failed: {detail.splitlines()[0] if detail else ''}")
+    # the child died inside export (LLVM exits or aborts on a write failure): its stderr says why
+    last = next((ln for ln in reversed(printed.splitlines()) if ln.strip()), "no message")
+    if "IO failure" in printed or "too large" in printed or "No space" in printed:
+        raise OSError(errno.ENOSPC, f"the compiler could not write the library ({last.strip()})")
+    how = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
+           else f"exit status {os.WEXITSTATUS(status)}")
+    raise DeployableError(f"exporting the compiled library ended with {how}: {last.strip()}")
+
+
 def write_deployable(out: str | Path, result, dg, *, model: dict | None = None,
                      accuracy: dict[str, float] | None = None, search: dict | None = None) -> Path:
     """Write `result` (a `dyncompile.build.BuildResult`) and `dg`'s full weights as a deployable at `out`.
@@ -159,7 +219,7 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             full.update(s.own_tensors)
         with open(staging / WEIGHTS, "wb") as f:
             np.savez(f, **full)
-        get_target(result.target_name).export_library(result.executable, str(staging / LIBRARY))
+        _export_in_child(get_target(result.target_name).export_library, result.executable, staging / LIBRARY)
         files = {name: sha256_file(staging / name) for name in (LIBRARY, WEIGHTS)}
         manifest = {
             "format": FORMAT_VERSION,
