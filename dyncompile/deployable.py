@@ -138,6 +138,7 @@ def _export_in_child(export, executable, path: Path) -> None:
     `write_errors` turns into one line, and the child's stderr is replayed only when export succeeded.
     """
     import errno
+    import faulthandler
     import signal
     import sys
 
@@ -154,6 +155,7 @@ def _export_in_child(export, executable, path: Path) -> None:
             try:
                 os.close(read_end)
                 os.dup2(child_stderr.fileno(), 2)
+                faulthandler.disable()  # a crash here is reported by the parent, not dumped on the terminal
                 try:
                     export(executable, str(path))
                     message = "ok"
