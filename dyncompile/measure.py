@@ -14,12 +14,21 @@ __all__ = ["count_macs", "count_params"]
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass at `input_shape` (batch included)."""
+    """Multiply-accumulates of one forward pass at `input_shape` (batch included).
+
+    Runs in eval mode: a training-mode forward of the zero probe would move every BatchNorm's running
+    statistics (it did: the search's "model as given" accuracy read 82.6% for an 87.0% model)."""
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.zeros(*input_shape, dtype=dtype)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
     return counter.get_total_flops() // 2
 
 

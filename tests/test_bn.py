@@ -64,3 +64,17 @@ def test_switching_statistics_round_trips():
         after = model(x)
     assert not torch.equal(before, changed)
     assert torch.equal(before, after)
+
+
+def test_counting_macs_leaves_batchnorm_statistics_alone():
+    """count_macs probes with a zero input; in training mode that forward used to move the running stats."""
+    from torch import nn
+
+    from dyncompile.measure import count_macs
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).train()
+    model[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert count_macs(model, (1, 3, 8, 8)) == 8 * 3 * 9 * 36
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model[1].training  # the caller's mode is restored
