@@ -22,10 +22,14 @@ and holds the SHA-256 of every other file, so a half-written, tampered or mixed-
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import faulthandler
 import json
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,11 +141,6 @@ def _export_in_child(export, executable, path: Path) -> None:
     child's: its OSError (or the abort, with LLVM's message) comes back here as an OSError that the caller's
     `write_errors` turns into one line, and the child's stderr is replayed only when export succeeded.
     """
-    import errno
-    import faulthandler
-    import signal
-    import sys
-
     if not hasattr(os, "fork"):
         export(executable, str(path))
         return

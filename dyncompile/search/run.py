@@ -28,6 +28,7 @@ from dyncompile.data import Splits, loader, open_dataset
 from dyncompile.errors import ConfigError
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.measure import count_macs, count_params
+from dyncompile.search.rank import DIRECTIONS, RANKINGS
 from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
 from dyncompile.search.subnets import SharedSubnets, accuracy, calibrate, config_key, full_config
 from dyncompile.search.train import Checkpoint, EventLog, Processes, cosine_lr, make_optimizer, multi_subnet_step, step_generator
@@ -86,16 +87,11 @@ class SearchOptions:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method '{self.method}' is unknown; use one of {', '.join(METHODS)}")
-        if self.rank not in ("noise", "l1"):
-            raise ConfigError(f"--rank '{self.rank}' is unknown; use noise or l1")
-        if self.rank_direction not in ("tolerant-first", "sensitive-first"):
-            raise ConfigError(f"--rank-direction '{self.rank_direction}' is unknown; use tolerant-first or sensitive-first")
-        if self.budget_window not in ("around", "under"):
-            raise ConfigError(f"--budget-window '{self.budget_window}' is unknown; use around or under")
-        if self.joint_pool not in ("chosen", "chain"):
-            raise ConfigError(f"--joint-pool '{self.joint_pool}' is unknown; use chosen or chain")
-        if self.threshold_mode not in ("drop", "absolute"):
-            raise ConfigError(f"--threshold-mode '{self.threshold_mode}' is unknown; use drop or absolute")
+        for field, choices in (("rank", RANKINGS), ("rank_direction", DIRECTIONS), ("budget_window", ("around", "under")),
+                               ("joint_pool", ("chosen", "chain")), ("threshold_mode", ("drop", "absolute"))):
+            value = getattr(self, field)
+            if value not in choices:
+                raise ConfigError(f"--{field.replace('_', '-')} '{value}' is unknown; use {' or '.join(choices)}")
         if not self.subnets or any(not 0 < b <= 1 for b in self.subnets):
             raise ConfigError(f"--subnets must be MACs fractions in (0, 1], like 0.25,0.5,0.75,1.0; got {self.subnets}")
         if self.batch_size < 1 or self.epochs < 0:
