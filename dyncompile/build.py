@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
 import re
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,8 @@ class TuningReport:
     tuned: int  # tuned by this build
     reused: int  # already tuned in the database by an earlier build
     seconds: float
+    time_budget_s: float | None = None  # --tune-minutes, in seconds
+    left_for_time: int = 0  # kernels not tuned because the time budget ran out (a later build resumes them)
 
 
 @dataclass
@@ -456,18 +461,55 @@ def search_strategy(trials: int) -> Any:
                                                  init_min_unmeasured=min(50, population // 2))
 
 
+def by_tuning_value(tasks: list[Any], per_subnet: list[list[Any]]) -> list[Any]:
+    """`tasks` ordered by the largest share of one sub-net's arithmetic each carries (estimated FLOPs × calls in
+    that sub-net, over the sub-net's total; `per_subnet`: each sub-net's extracted tasks). Under a time budget
+    each sub-net gets its dominant kernels tuned early, not only the full width's big ones; kernels left
+    untuned keep TVM's default schedules."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    def cost(task: Any) -> float:
+        try:
+            return estimate_tir_flops(task.dispatched[0]) * task.weight
+        except Exception:  # noqa: BLE001 -- kernels without arithmetic (copies, reshapes) have no estimate
+            return 0.0
+
+    share: dict[str, float] = {}
+    for subnet_tasks in per_subnet:
+        costs = {_TuneLedger.key(t.dispatched[0]): cost(t) for t in subnet_tasks}
+        total = sum(costs.values()) or 1.0
+        for key, c in costs.items():
+            share[key] = max(share.get(key, 0.0), c / total)
+    return sorted(tasks, key=lambda t: share.get(_TuneLedger.key(t.dispatched[0]), 0.0), reverse=True)
+
+
+def next_round_size(pending: int, done: int, spent_s: float, budget_s: float | None) -> int:
+    """How many kernels the next tuning round takes: all of them without a time budget; under one, 2 first (to
+    learn how long a kernel takes, start-up included), then as many as fit in what is left at the pace so far,
+    and 0 once not even one fits."""
+    if not budget_s:
+        return pending
+    if not done:
+        return min(2, pending)
+    per_kernel = max(spent_s / done, 1e-6)
+    return min(pending, int(max(0.0, budget_s - spent_s) // per_kernel))
+
+
 def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir: str | Path, trials: int, *,
-         builder_timeout_s: float = 120.0, runner: Any = None, progress: Progress | None = None) -> TuningReport:
+         time_budget_s: float | None = None, builder_timeout_s: float = 120.0, runner: Any = None,
+         progress: Progress | None = None) -> TuningReport:
     """MetaSchedule-tune the kernels the `entries` functions of fused `mod` call, `trials` per kernel.
 
     The database in `tuning_dir` is shared by every sub-net and every build: kernels already tuned with at
     least `trials` trials are skipped, and identical kernels of different sub-nets are one task. `runner`:
     where candidates are measured (default: the target's `tuning_runner()`).
+
+    `time_budget_s`: tune the kernels that weigh most in some sub-net first, in rounds sized by the time the earlier kernels took, and
+    start no round that would not fit; the kernels left over stay untuned (default schedules) and a later build
+    with the same trials resumes them. One cost model learns across the rounds.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
-
-    import logging
 
     kind = get_target(target_name)
     tuning_dir = Path(tuning_dir)
@@ -481,33 +523,73 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
     all_tasks = ms.relax_integration.extract_tasks(_entry_module(mod, entries), target)
     todo = [t for t in all_tasks
             if ledger.trials(t.dispatched[0]) < trials or not database.has_workload(t.dispatched[0])]
-    report = TuningReport(trials, str(tuning_dir), len(all_tasks), len(todo), len(all_tasks) - len(todo), 0.0)
+    report = TuningReport(trials, str(tuning_dir), len(all_tasks), 0, len(all_tasks) - len(todo), 0.0,
+                          time_budget_s=time_budget_s)
     if progress:
-        progress("tune", f"{len(all_tasks)} kernels: {len(todo)} to tune, {report.reused} already in the database")
-    if todo:
+        progress("tune", f"{len(all_tasks)} kernels: {len(todo)} to tune, {report.reused} already in the database"
+                         + (f", at most {time_budget_s / 60:g} min" if time_budget_s else ""))
+    if not todo:
+        report.seconds = time.perf_counter() - start
+        return report
+    if time_budget_s:
+        per_subnet = [ms.relax_integration.extract_tasks(_entry_module(mod, [entry]), target) for entry in entries]
+        pending = by_tuning_value(todo, per_subnet)
+    else:
+        pending = todo
+    with _unnamed_handlers_detached(logging.getLogger("tvm.s_tir.meta_schedule")):
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            todo, work_dir=str(tuning_dir), strategy=search_strategy(trials))
-        kernels = [t.dispatched[0] for t in todo]
-        names = [t.task_name for t in todo]
-        measured = [0]
+            pending, work_dir=str(tuning_dir), strategy=search_strategy(trials))
+    kernels = [t.dispatched[0] for t in pending]
+    names = [t.task_name for t in pending]
+    builder = kind.tuning_builder(builder_timeout_s)
+    runner = runner if runner is not None else kind.tuning_runner()
+    cost_model = ms.CostModel.create("xgb", num_tuning_cores=os.cpu_count() or 1, tree_method="auto")
+    measured = [0]
+    offset = [0]  # where the current round starts in `pending`
 
-        @derived_object
-        class _Record(ms.measure_callback.PyMeasureCallback):
-            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
-                ledger.add(kernels[task_id], names[task_id], len(measure_candidates))
-                measured[0] += len(measure_candidates)
-                if progress:
-                    progress("tune", f"{measured[0]}/{trials * len(todo)} trials ({names[task_id]})")
+    @derived_object
+    class _Record(ms.measure_callback.PyMeasureCallback):
+        """Every measured batch goes to the ledger at once: a killed build resumes from there."""
 
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(tuning_dir),
-                      max_trials_global=trials * len(todo), max_trials_per_task=trials,
-                      num_trials_per_iter=min(64, trials), builder=kind.tuning_builder(builder_timeout_s),
-                      runner=runner if runner is not None else kind.tuning_runner(), database=database,
-                      measure_callbacks=[*ms.MeasureCallback.create("default"), _Record()])
-        for kernel, name in zip(kernels, names):  # finished: also kernels whose search space ran out early
-            ledger.add(kernel, name, max(0, trials - ledger.trials(kernel)))
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            i = offset[0] + task_id
+            ledger.add(kernels[i], names[i], len(measure_candidates))
+            measured[0] += len(measure_candidates)
+            if progress:
+                progress("tune", f"{measured[0]}/{trials * len(pending)} trials ({names[i]})")
+
+    try:
+        while size := next_round_size(len(pending) - offset[0], offset[0], time.perf_counter() - start,
+                                      time_budget_s):
+            round_ = slice(offset[0], offset[0] + size)
+            ms.tune_tasks(tasks=contexts[round_], task_weights=weights[round_], work_dir=str(tuning_dir),
+                          max_trials_global=trials * size, max_trials_per_task=trials,
+                          num_trials_per_iter=min(64, trials), builder=builder, runner=runner, database=database,
+                          cost_model=cost_model,
+                          measure_callbacks=[*ms.MeasureCallback.create("default"), _Record()])
+            for kernel, name in zip(kernels[round_], names[round_]):  # finished, also if the space ran out early
+                ledger.add(kernel, name, max(0, trials - ledger.trials(kernel)))
+            offset[0] += size
+    finally:
+        builder.close()
+    report.tuned = offset[0]
+    report.left_for_time = len(pending) - offset[0]
     report.seconds = time.perf_counter() - start
     return report
+
+
+@contextmanager
+def _unnamed_handlers_detached(logger: logging.Logger):
+    """MetaSchedule's logger set-up lists the handlers of its logger by name and fails on one without a name
+    (pytest's log capture adds two); they are put back afterwards."""
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            logger.addHandler(handler)
 
 
 # ── 4. apply tuning, schedule the rest, lower, compile ──
@@ -540,14 +622,16 @@ def compile_module(mod: Any, target: Any, target_name: str) -> Any:
 
 def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu",
           target_options: dict | None = None, batch_size: int = 1, tune_trials: int = 0,
-          tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0, rpc: str | None = None,
+          tune_minutes: float | None = None, tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0,
+          rpc: str | None = None,
           own_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
           progress: Progress | None = None, dump_after: str | None = None) -> BuildResult:
     """Compile every sub-net in `subnets` for `target` into one executable (see the module docstring).
 
     `tune_trials`: MetaSchedule trials per distinct kernel (0: untuned, no database used); needs `tuning_dir`
-    (use `tuning_dir_for(workspace, target)`). `batch_size` is static. `rpc`: "HOST:PORT" of the board that
-    measures tuning candidates (targets that run on a board). `own_tensors`: per sub-net name, tensors it has
+    (use `tuning_dir_for(workspace, target)`); `tune_minutes` caps the tuning time (each sub-net's heaviest
+    kernels first, see `tune`). `batch_size` is static. `rpc`: "HOST:PORT" of the board that measures tuning candidates (targets
+    that run on a board). `own_tensors`: per sub-net name, tensors it has
     its own values for (BN statistics from search; see `import_subnet`). Raises ConfigError for bad arguments,
     BuildError when a sub-net cannot be compiled.
     """
@@ -561,6 +645,8 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     if tune_trials < 0:
         raise ConfigError(f"--tune-trials must be ≥ 0, got {tune_trials}")
+    if tune_minutes is not None and not tune_minutes > 0:
+        raise ConfigError(f"--tune-minutes must be > 0, got {tune_minutes}")
     if tune_trials and tuning_dir is None:
         raise ConfigError("tuning needs a database folder (tuning_dir), e.g. <workspace>/tuning/cpu")
     kind.check_toolchain()
@@ -584,6 +670,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     report = None
     if tune_trials:
         report = tune(mod, list(subnets), tvm_target, target, tuning_dir, tune_trials,
+                      time_budget_s=None if tune_minutes is None else 60.0 * tune_minutes,
                       builder_timeout_s=builder_timeout_s, runner=runner, progress=progress)
         mod = _apply_database(mod, tvm_target, tuning_dir)
     for record in records:

@@ -81,6 +81,10 @@ def build(
                                                                    "untuned). The tuning database in "
                                                                    "<workspace>/tuning/<target> is reused and "
                                                                    "resumed.")] = 0,
+    tune_minutes: Annotated[float | None, typer.Option("--tune-minutes", help="Time budget for tuning: the "
+                                                                          "heaviest kernels are tuned first, the "
+                                                                          "rest keep default schedules (a later "
+                                                                          "build resumes them).")] = None,
     rpc: RpcOption = None,
     mcpu: Annotated[str | None, typer.Option("--mcpu", help="CPU to compile for (cpu: this machine's; arm: "
                                                             "cortex-a72).")] = None,
@@ -105,6 +109,8 @@ def build(
     width_list = tuple(_parse_widths(widths)) if widths else None
     if tune_trials < 0:
         raise ConfigError(f"--tune-trials must be ≥ 0, got {tune_trials}")
+    if tune_minutes is not None and not tune_minutes > 0:
+        raise ConfigError(f"--tune-minutes must be > 0, got {tune_minutes}")
     _check_rpc(kind, rpc)
     kind.check_toolchain()
     kind.tvm_target(**options)  # a bad --mcpu/--arch fails before the long steps
@@ -137,7 +143,8 @@ def build(
                 progress.update(subnet_task, description=stage, note=message)
 
         result = run_build(source.dg, source.configs, target=target, target_options=options, batch_size=batch_size,
-                           tune_trials=tune_trials, tuning_dir=tuning_dir_for(workspace, target) if tune_trials else None,
+                           tune_trials=tune_trials, tune_minutes=tune_minutes,
+                           tuning_dir=tuning_dir_for(workspace, target) if tune_trials else None,
                            rpc=rpc, own_tensors=source.own_tensors, progress=on_progress)
         progress.update(subnet_task, description="writing the deployable", completed=n, note="")
         path = output or default_output(workspace, target)
@@ -176,6 +183,10 @@ def build(
         t = result.tuning
         out.print(f"tuning: {t.tasks} distinct kernels, {t.tuned} tuned now ({t.trials_per_task} trials each), "
                   f"{t.reused} reused from {t.database}, {t.seconds:.0f} s", highlight=False)
+        if t.left_for_time:
+            out.print(f"[yellow]note:[/] the {t.time_budget_s / 60:g}-minute budget ran out: {t.left_for_time} kernels "
+                      f"keep TVM's default schedules, which are slow on CPUs; the same build again tunes them",
+                      highlight=False)
     out.print(f"Next: [bold]dyncompile run {path} --input x.npy[/] or [bold]dyncompile bench {path}[/]",
               highlight=False)
 

@@ -237,7 +237,8 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
                         "tensors": {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in full.items()}},
             "tuning": None if result.tuning is None else {
                 "trials_per_task": result.tuning.trials_per_task, "kernels": result.tuning.tasks,
-                "tuned_now": result.tuning.tuned, "reused": result.tuning.reused},
+                "tuned_now": result.tuning.tuned, "reused": result.tuning.reused,
+                "time_budget_s": result.tuning.time_budget_s, "left_for_time": result.tuning.left_for_time},
             "latency": None,  # how latency_ms was measured, once a bench recorded it
             "search": search,
             "subnets": sorted((_subnet_record(s, (accuracy or {}).get(s.name)) for s in result.subnets),

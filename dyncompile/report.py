@@ -592,8 +592,13 @@ def _target_facts(d: dict) -> str:
     if t.get("num_cores"):
         facts.append(f"{t['num_cores']} cores")
     tuning = d.get("tuning")
-    facts.append("untuned (rebuild with --tune-trials N)" if not tuning else
-                 f"tuned: {tuning.get('trials_per_task', '?')} trials per kernel, {tuning.get('kernels', '?')} kernels")
+    if not tuning:
+        facts.append("untuned (rebuild with --tune-trials N)")
+    else:
+        kernels = tuning.get("kernels", "?")
+        left = tuning.get("left_for_time") or 0
+        facts.append(f"tuned: {tuning.get('trials_per_task', '?')} trials per kernel, "
+                     + (f"{kernels - left} of {kernels} kernels (time budget)" if left else f"{kernels} kernels"))
     inp = d.get("input") or {}
     if inp.get("shape"):
         facts.append(f"input {'×'.join(map(str, inp['shape']))} {inp.get('dtype', '')}".strip())

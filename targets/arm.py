@@ -162,13 +162,11 @@ def _export_candidate(mod: Any) -> str:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from tvm.s_tir import meta_schedule as ms
-
     from dyncompile.targets import cpu
+    from dyncompile.targets.pooled_builder import pooled_builder
 
     check_toolchain()
-    return ms.builder.LocalBuilder(timeout_sec=timeout_s, f_build=cpu._build_candidate,
-                                   f_export=_export_candidate, max_workers=max(1, os.cpu_count() or 1))
+    return pooled_builder(timeout_s, f_build=cpu._build_candidate, f_export=_export_candidate)
 
 
 def _create_session(config: Any) -> Any:

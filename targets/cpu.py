@@ -99,12 +99,11 @@ def tensor_intrinsics() -> list[str]:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from tvm.s_tir import meta_schedule as ms
+    from dyncompile.targets.pooled_builder import pooled_builder
 
-    # Workers restart every batch and import TVM each time: the stock 30 s timeout fails every candidate
-    # as "Build errors" on a busy 2-core machine.
-    return ms.builder.LocalBuilder(timeout_sec=timeout_s, f_build=_build_candidate,
-                                   max_workers=max(1, (os.cpu_count() or 1)))
+    # A worker's first build imports TVM: the stock 30 s timeout failed every candidate as "Build errors" on a
+    # busy 2-core machine.
+    return pooled_builder(timeout_s, f_build=_build_candidate)
 
 
 def tuning_runner(rpc: str | None = None) -> Any:

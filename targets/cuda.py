@@ -130,10 +130,10 @@ def tensor_intrinsics() -> list[str]:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from tvm.s_tir import meta_schedule as ms
+    from dyncompile.targets.pooled_builder import pooled_builder
 
     check_toolchain()
-    return ms.builder.LocalBuilder(timeout_sec=timeout_s, max_workers=max(1, os.cpu_count() or 1))
+    return pooled_builder(timeout_s)
 
 
 def tuning_runner(rpc: str | None = None) -> Any:

@@ -178,6 +178,7 @@ def test_searched_subnets_keep_their_own_batchnorm_statistics(workspace, x_file,
     (["--target", "arm", "--rpc", "board"], ["--rpc wants HOST:PORT"]),
     (["--target", "arm", "--rpc", "127.0.0.1:1"], ["cannot reach the board at 127.0.0.1:1", "emulated-arm-board"]),
     (["--target", "cpu", "--tune-trials", "-1"], ["--tune-trials must be ≥ 0"]),
+    (["--target", "cpu", "--tune-trials", "8", "--tune-minutes", "0"], ["--tune-minutes must be > 0"]),
     (["--target", "cpu", "--widths", "2"], ["--widths"]),
 ])
 def test_bad_build_options(workspace, args, fragments):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import dyncompile.runtime as runtime
-from dyncompile.build import build, uniform_subnets
+from dyncompile.build import build, by_tuning_value, import_subnet, next_round_size, prepare, uniform_subnets
 from dyncompile.deployable import (LIBRARY, MANIFEST, WEIGHTS, DeployableError, ParamSlice, read_manifest,
                                    record_latencies, write_deployable)
 from dyncompile.errors import ConfigError
@@ -93,6 +93,8 @@ def test_bad_build_arguments_are_one_line_config_errors(built):
         build(dg, subnets, target="tpu")
     with pytest.raises(ConfigError, match="tuning needs a database folder"):
         build(dg, subnets, tune_trials=4)
+    with pytest.raises(ConfigError, match="--tune-minutes must be > 0"):
+        build(dg, subnets, tune_trials=4, tune_minutes=0, tuning_dir="unused")
     with pytest.raises(ConfigError, match="not usable as a function name"):
         build(dg, {"w-50": subnets["w50"]})
 
@@ -282,15 +284,62 @@ def test_measured_latency_is_positive_and_recordable(built, copy_of):
 
 # ── tuning (slow) ──
 
-@pytest.mark.slow
-def test_tuning_is_applied_and_the_database_reused(tmp_path):
-    """8 trials per kernel on one small sub-net (~3 min on 2 cores); a second build tunes nothing."""
+# ── tuning under a time budget ──
+
+def test_tuning_rounds_are_sized_to_fit_the_time_budget():
+    assert next_round_size(40, 0, 5.0, None) == 40  # no budget: one round of everything
+    assert next_round_size(40, 0, 5.0, 240.0) == 2  # a first round to learn the pace
+    assert next_round_size(1, 0, 5.0, 240.0) == 1
+    assert next_round_size(38, 2, 20.0, 240.0) == 22  # 10 s a kernel, 220 s left
+    assert next_round_size(5, 2, 20.0, 240.0) == 5
+    assert next_round_size(16, 24, 235.0, 240.0) == 0  # not even one more fits
+    assert next_round_size(16, 24, 300.0, 240.0) == 0  # overrun
+
+
+def test_each_subnets_heaviest_kernel_is_tuned_first():
+    from tvm.s_tir import meta_schedule as ms
+
+    import tvm
+
+    from dyncompile.build import _entry_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    dg = analyse_model(model, (1, 3, 16, 16), groups=4)
+    target = get_target("cpu").tvm_target()
+    widths = uniform_subnets(dg)
+    functions = {name: import_subnet(dg, name, widths[name])[0] for name in ("w100", "w50")}
+    mod = prepare(tvm.IRModule(functions), target)
+    tasks = ms.relax_integration.extract_tasks(_entry_module(mod, list(functions)), target)
+    per_subnet = [ms.relax_integration.extract_tasks(_entry_module(mod, [name]), target) for name in functions]
+    ordered = by_tuning_value(tasks, per_subnet)
+    assert len(ordered) == len(tasks) >= 6
+    # the second convolution (8→32 channels at w100, 4→16 at w50) carries most of each sub-net's arithmetic
+    assert all("conv2d" in t.task_name for t in ordered[:2])
+    assert {t.task_name for t in ordered[:2]} == {max(subnet, key=_flops).task_name for subnet in per_subnet}
+
+
+def _flops(task) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    return estimate_tir_flops(task.dispatched[0]) * task.weight
+
+
+def _two_conv_net(width: int):
+    """A net small enough to tune in a slow test: two 3×3 convolutions (16 then `width` channels) and a head."""
     torch.manual_seed(0)
     model = _randomise_norms(nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval())
-    dg = analyse_model(model, (1, 3, 16, 16), groups=4)
+        nn.Conv2d(16, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10)).eval())
+    return analyse_model(model, (1, 3, 16, 16), groups=4)
+
+
+@pytest.mark.slow
+def test_tuning_is_applied_and_the_database_reused(tmp_path):
+    """8 trials per kernel on one small sub-net (~3 min on 2 cores); a second build tunes nothing."""
+    dg = _two_conv_net(16)
     subnets = {"w50": uniform_subnets(dg)["w50"]}
     tuning_dir = tmp_path / "workspace" / "tuning" / "cpu"
     first = build(dg, subnets, tune_trials=8, tuning_dir=tuning_dir)
@@ -308,6 +357,29 @@ def test_tuning_is_applied_and_the_database_reused(tmp_path):
     with torch.no_grad():
         expected = extract_subnet(dg, subnets["w50"]).eval()(x)
     assert torch.allclose(runtime.load(out).run(x, subnet="w50"), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_time_budget_tunes_the_heaviest_kernels_and_a_later_build_the_rest(tmp_path):
+    """A budget shorter than the first round: two kernels are tuned, the others are left for later
+    (recorded in the manifest); the same build without a budget tunes exactly those. ~3 min on 2 cores."""
+    dg = _two_conv_net(32)
+    subnets = {"w100": uniform_subnets(dg)["w100"]}
+    tuning_dir = tmp_path / "tuning"
+    boxed = build(dg, subnets, tune_trials=4, tune_minutes=0.05, tuning_dir=tuning_dir)
+    assert boxed.tuning.tuned == 2 and boxed.tuning.left_for_time == boxed.tuning.tasks - 2 > 0
+    assert boxed.subnets[0].tuned_kernels == 2
+    out = write_deployable(tmp_path / "deploy", boxed, dg)
+    assert read_manifest(out)["tuning"]["left_for_time"] == boxed.tuning.left_for_time
+
+    rest = build(dg, subnets, tune_trials=4, tuning_dir=tuning_dir)
+    assert rest.tuning.reused == 2 and rest.tuning.tuned == boxed.tuning.left_for_time
+    assert rest.subnets[0].tuned_kernels == rest.subnets[0].kernels
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = extract_subnet(dg, subnets["w100"]).eval()(x)
+    got = runtime.load(write_deployable(tmp_path / "deploy2", rest, dg)).run(x, subnet="w100")
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.slow  # one MobileNetV2 build: 30-120 s on 2 busy cores
