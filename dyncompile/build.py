@@ -496,13 +496,14 @@ def next_round_size(pending: int, done: int, spent_s: float, budget_s: float | N
 
 
 def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir: str | Path, trials: int, *,
-         time_budget_s: float | None = None, builder_timeout_s: float = 120.0, runner: Any = None,
-         progress: Progress | None = None) -> TuningReport:
+         time_budget_s: float | None = None, builder_timeout_s: float = 120.0, builder: Any = None,
+         runner: Any = None, progress: Progress | None = None) -> TuningReport:
     """MetaSchedule-tune the kernels the `entries` functions of fused `mod` call, `trials` per kernel.
 
     The database in `tuning_dir` is shared by every sub-net and every build: kernels already tuned with at
-    least `trials` trials are skipped, and identical kernels of different sub-nets are one task. `runner`:
-    where candidates are measured (default: the target's `tuning_runner()`).
+    least `trials` trials are skipped, and identical kernels of different sub-nets are one task. `builder`,
+    `runner`: what compiles candidates and where they are measured (default: the target's `tuning_builder()`
+    and `tuning_runner()`).
 
     `time_budget_s`: tune the kernels that weigh most in some sub-net first, in rounds sized by the time the earlier kernels took, and
     start no round that would not fit; the kernels left over stay untuned (default schedules) and a later build
@@ -541,7 +542,8 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
             pending, work_dir=str(tuning_dir), strategy=search_strategy(trials))
     kernels = [t.dispatched[0] for t in pending]
     names = [t.task_name for t in pending]
-    builder = kind.tuning_builder(builder_timeout_s)
+    own_builder = builder is None
+    builder = kind.tuning_builder(builder_timeout_s) if own_builder else builder
     runner = runner if runner is not None else kind.tuning_runner()
     cost_model = ms.CostModel.create("xgb", num_tuning_cores=os.cpu_count() or 1, tree_method="auto")
     measured = [0]
@@ -571,7 +573,8 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
                 ledger.add(kernel, name, max(0, trials - ledger.trials(kernel)))
             offset[0] += size
     finally:
-        builder.close()
+        if own_builder:
+            builder.close()
     report.tuned = offset[0]
     report.left_for_time = len(pending) - offset[0]
     report.seconds = time.perf_counter() - start

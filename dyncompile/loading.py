@@ -38,7 +38,11 @@ class ModelSource:
 
 
 def import_factory(spec: str) -> nn.Module:
-    """Import `package.module:factory` (the current folder is importable) and call it with no arguments."""
+    """Import `package.module:factory` (the current folder is importable) and call it with no arguments.
+
+    The call runs with torch's generator seeded 0 (and the caller's state restored after): a factory that makes
+    a freshly initialised model gives the same weights every run, so `convert` and what follows are repeatable.
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelLoadError(f"'{spec}' is neither a file nor package.module:factory (e.g. examples.zoo.resnet:resnet20_cifar)")
@@ -52,7 +56,9 @@ def import_factory(spec: str) -> nn.Module:
     if factory is None:
         raise ModelLoadError(f"'{module_name}' has no attribute '{attr}'")
     try:
-        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     except Exception as exc:  # noqa: BLE001 - user code: report in one line
         raise ModelLoadError(f"calling {spec}() failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
