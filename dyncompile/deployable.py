@@ -38,7 +38,7 @@ import numpy as np
 
 import dyncompile
 from dyncompile.errors import DyncompileError
-from dyncompile.fileio import check_checksums, sha256_file, write_errors
+from dyncompile.fileio import check_checksums, fsync_path, sha256_file, write_atomic, write_errors
 
 __all__ = ["DeployableError", "ParamSlice", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
            "write_deployable", "read_manifest", "record_latencies"]
@@ -97,14 +97,6 @@ def _dumps(manifest: dict) -> str:
 def default_output(workspace: str | Path, target_name: str) -> Path:
     """Where `dyncompile build` puts a target's deployable unless told otherwise."""
     return Path(workspace) / "deploy" / target_name
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _versions() -> dict:
@@ -247,8 +239,8 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
         }
         (staging / MANIFEST).write_text(_dumps(manifest))
         for name in (*files, MANIFEST):
-            _fsync(staging / name)
-        _fsync(staging)
+            fsync_path(staging / name)
+        fsync_path(staging)
         # A folder cannot be renamed over a non-empty one: move the old deployable aside first, back on failure.
         old = None
         if out.exists():
@@ -260,7 +252,7 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             if old is not None:
                 os.rename(old / "deployable", out)
             raise
-        _fsync(out.parent)
+        fsync_path(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -312,13 +304,6 @@ def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict
                 raise DeployableError(f"latency of '{s['name']}' must be positive, got {value}")
             s["latency_ms"] = value
     manifest["latency"] = how or manifest.get("latency") or {}
-    tmp = path / f".{MANIFEST}.tmp"
     with write_errors(path / MANIFEST, "the deployable is unchanged"):
-        try:
-            tmp.write_text(_dumps(manifest))
-            _fsync(tmp)
-            os.replace(tmp, path / MANIFEST)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync(path)
+        write_atomic(path / MANIFEST, _dumps(manifest).encode("utf-8"))
     return manifest

@@ -1,15 +1,19 @@
-"""File helpers every on-disk artefact shares (workspace, graph store, deployables): checksums."""
+"""File helpers every on-disk artefact shares (workspace, graph store, deployables): checksums, atomic and
+durable writes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["sha256_file", "check_checksums", "write_errors", "replace_durably", "write_atomic"]
+__all__ = ["sha256_file", "check_checksums", "write_errors", "fsync_path", "replace_durably", "write_atomic",
+           "write_atomic_with"]
 
 
 @contextmanager
@@ -44,10 +48,18 @@ def check_checksums(folder: str | Path, files: dict[str, str], error: type[Excep
             raise error(changed.format(file=file))
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (which makes a rename inside it durable), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_durably(src: str | Path, dst: str | Path) -> None:
     """Flush `src` to disk, then rename it over `dst`: a crash leaves either the old or the new file, whole."""
-    with open(src, "rb") as f:
-        os.fsync(f.fileno())
+    fsync_path(src)
     os.replace(src, dst)
 
 
@@ -57,17 +69,25 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file beside it (usual permissions, not mkstemp's 0600)."""
+def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Let `write` fill a temporary file beside `path` (usual permissions, not mkstemp's 0600), flush it and
+    rename it over `path`, then flush the folder: a crash leaves the old file or the new one, whole."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # some file systems cannot flush a folder; the rename has happened
+        fsync_path(path.parent)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """`write_atomic_with` for bytes already in memory."""
+    write_atomic_with(path, lambda f: f.write(data))

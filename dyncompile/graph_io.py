@@ -28,7 +28,6 @@ Tensors are always loaded onto the CPU.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -36,13 +35,11 @@ import json
 import keyword
 import math
 import operator
-import os
 import re
-import tempfile
 import types
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -52,6 +49,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from dyncompile.errors import WorkspaceError
 from dyncompile.fileio import sha256_file as _sha256
+from dyncompile.fileio import write_atomic_with
 
 __all__ = [
     "FORMAT_VERSION",
@@ -754,29 +752,6 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; use the usual mode
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _paths(directory: str | Path, name: str) -> tuple[Path, Path]:
     if not (isinstance(name, str) and _NAME_RE.fullmatch(name)):
         raise WorkspaceError(f"invalid graph name {name!r}")
@@ -812,7 +787,7 @@ def save_graph_module(gm: fx.GraphModule, directory: str | Path, *, name: str = 
     records, tensors = _collect_tensors(gm)
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tensors_path, lambda f: torch.save(tensors, f))
+    write_atomic_with(tensors_path, lambda f: torch.save(tensors, f))
     doc = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -826,7 +801,7 @@ def save_graph_module(gm: fx.GraphModule, directory: str | Path, *, name: str = 
                          "sha256": _sha256(tensors_path)},
     }
     text = json.dumps(doc, indent=1, allow_nan=False)
-    _atomic_write(json_path, lambda f: f.write(text.encode("utf-8")))
+    write_atomic_with(json_path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _read_json(json_path: Path) -> dict[str, Any]:
