@@ -79,7 +79,8 @@ def main() -> None:
                 work = Path(tmp) / f"round{round_ + 1}"
                 rows.append({"round": round_ + 1, **one_run(kind, dg, subnets, args.trials, work)})
     names = list(rows[0]["latency_ms"])
-    print(f"\n{args.trials} trials per kernel, ResNet-20 (Fashion-MNIST) widths {args.widths}, {os.cpu_count()} cores\n")
+    print(f"\n{args.trials} trials per kernel, ResNet-20 (Fashion-MNIST) widths {args.widths}, "
+          f"{os.cpu_count()} cores\n")
     print("| round | builder | kernels | tuning s | s per kernel | " + " | ".join(f"{n} ms" for n in names) + " |")
     print("|---|---|---|---|---|" + "---|" * len(names))
     for r in rows:

@@ -505,9 +505,10 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
     `runner`: what compiles candidates and where they are measured (default: the target's `tuning_builder()`
     and `tuning_runner()`).
 
-    `time_budget_s`: tune the kernels that weigh most in some sub-net first, in rounds sized by the time the earlier kernels took, and
-    start no round that would not fit; the kernels left over stay untuned (default schedules) and a later build
-    with the same trials resumes them. One cost model learns across the rounds.
+    `time_budget_s`: tune the kernels that weigh most in some sub-net first (`by_tuning_value`), in rounds sized
+    by the time the earlier kernels took (`next_round_size`), and start no round that would not fit; the kernels
+    left over stay untuned (default schedules) and a later build with the same trials resumes them. One cost
+    model learns across the rounds.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -626,17 +627,16 @@ def compile_module(mod: Any, target: Any, target_name: str) -> Any:
 def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu",
           target_options: dict | None = None, batch_size: int = 1, tune_trials: int = 0,
           tune_minutes: float | None = None, tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0,
-          rpc: str | None = None,
-          own_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+          rpc: str | None = None, own_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
           progress: Progress | None = None, dump_after: str | None = None) -> BuildResult:
     """Compile every sub-net in `subnets` for `target` into one executable (see the module docstring).
 
     `tune_trials`: MetaSchedule trials per distinct kernel (0: untuned, no database used); needs `tuning_dir`
     (use `tuning_dir_for(workspace, target)`); `tune_minutes` caps the tuning time (each sub-net's heaviest
-    kernels first, see `tune`). `batch_size` is static. `rpc`: "HOST:PORT" of the board that measures tuning candidates (targets
-    that run on a board). `own_tensors`: per sub-net name, tensors it has
-    its own values for (BN statistics from search; see `import_subnet`). Raises ConfigError for bad arguments,
-    BuildError when a sub-net cannot be compiled.
+    kernels first, see `tune`). `batch_size` is static. `rpc`: "HOST:PORT" of the board that measures tuning
+    candidates (targets that run on a board). `own_tensors`: per sub-net name, tensors it has its own values for
+    (BN statistics from search; see `import_subnet`). Raises ConfigError for bad arguments, BuildError when a
+    sub-net cannot be compiled.
     """
     kind = get_target(target)
     if not subnets:
