@@ -624,6 +624,14 @@ def compile_module(mod: Any, target: Any, target_name: str) -> Any:
 
 # ── the whole build ──
 
+def check_tuning_options(tune_trials: int, tune_minutes: float | None) -> None:
+    """--tune-trials and --tune-minutes, checked by `build` and by the CLI before its long steps."""
+    if tune_trials < 0:
+        raise ConfigError(f"--tune-trials must be ≥ 0, got {tune_trials}")
+    if tune_minutes is not None and not tune_minutes > 0:
+        raise ConfigError(f"--tune-minutes must be > 0, got {tune_minutes}")
+
+
 def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu",
           target_options: dict | None = None, batch_size: int = 1, tune_trials: int = 0,
           tune_minutes: float | None = None, tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0,
@@ -646,10 +654,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
             raise ConfigError(f"sub-net name '{name}' is not usable as a function name (letters, digits, _)")
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if tune_trials < 0:
-        raise ConfigError(f"--tune-trials must be ≥ 0, got {tune_trials}")
-    if tune_minutes is not None and not tune_minutes > 0:
-        raise ConfigError(f"--tune-minutes must be > 0, got {tune_minutes}")
+    check_tuning_options(tune_trials, tune_minutes)
     if tune_trials and tuning_dir is None:
         raise ConfigError("tuning needs a database folder (tuning_dir), e.g. <workspace>/tuning/cpu")
     kind.check_toolchain()

@@ -99,6 +99,7 @@ def build(
     """Compile the workspace's sub-nets for TARGET into one multi-width deployable (one library, weights once)."""
     from dyncompile.bench import workspace_facts
     from dyncompile.build import build as run_build
+    from dyncompile.build import check_tuning_options
     from dyncompile.build import subnets_from_workspace, tuning_dir_for
     from dyncompile.deployable import default_output, read_manifest, record_latencies, write_deployable
     from dyncompile.targets import get_target
@@ -107,10 +108,7 @@ def build(
     kind = get_target(target)
     options = _target_options(kind, {"mcpu": mcpu, "arch": arch})
     width_list = tuple(_parse_widths(widths)) if widths else None
-    if tune_trials < 0:
-        raise ConfigError(f"--tune-trials must be ≥ 0, got {tune_trials}")
-    if tune_minutes is not None and not tune_minutes > 0:
-        raise ConfigError(f"--tune-minutes must be > 0, got {tune_minutes}")
+    check_tuning_options(tune_trials, tune_minutes)
     _check_rpc(kind, rpc)
     kind.check_toolchain()
     kind.tvm_target(**options)  # a bad --mcpu/--arch fails before the long steps

@@ -15,8 +15,7 @@ from typing import Any
 USES_PER_WORKER = 32
 
 
-def pooled_builder(timeout_s: float, *, f_build: Callable | None = None, f_export: Callable | None = None,
-                   max_workers: int | None = None) -> Any:
+def pooled_builder(timeout_s: float, *, f_build: Callable | None = None, f_export: Callable | None = None) -> Any:
     """A MetaSchedule builder like `LocalBuilder(timeout_sec=timeout_s, f_build=…, f_export=…)` whose workers
     persist; call its `close()` when tuning is done."""
     from tvm.ir.utils import derived_object
@@ -28,8 +27,8 @@ def pooled_builder(timeout_s: float, *, f_build: Callable | None = None, f_expor
     class PooledBuilder(PyBuilder):
         def __init__(self) -> None:
             super().__init__()
-            self.pool = PopenPoolExecutor(max_workers=max_workers or max(1, os.cpu_count() or 1),
-                                          timeout=timeout_s, maximum_process_uses=USES_PER_WORKER)
+            self.pool = PopenPoolExecutor(max_workers=max(1, os.cpu_count() or 1), timeout=timeout_s,
+                                          maximum_process_uses=USES_PER_WORKER)
 
         def build(self, build_inputs: list) -> list:
             jobs = [(f_build, f_export, b.mod, b.target, _serialize_params(b.params)) for b in build_inputs]
