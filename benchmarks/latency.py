@@ -38,8 +38,8 @@ from dyncompile.build import build, tuning_dir_for, uniform_subnets  # noqa: E40
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.passes.extract import extract_subnet  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
-from examples.zoo import ZOO  # noqa: E402
-from examples.zoo import build as build_zoo_model  # noqa: E402
+from dyncompile.zoo import ZOO  # noqa: E402
+from dyncompile.zoo import build as build_zoo_model  # noqa: E402
 
 MODELS = {"resnet20": "resnet20-cifar", "mobilenetv2": "mobilenetv2-imagenet"}
 ENGINES = ("eager", "ort", "tvm_untuned", "tvm_tuned")

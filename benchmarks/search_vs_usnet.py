@@ -2,7 +2,7 @@
 
     python benchmarks/search_vs_usnet.py --seeds 0,1,2 --train-limit 10000 --epochs 3
 
-1. Trains the in-repo ResNet-20 (1×28×28, `examples.zoo.resnet:resnet20_fashion`) at full width once, and
+1. Trains the in-repo ResNet-20 (1×28×28, `dyncompile.zoo.resnet:resnet20_fashion`) at full width once, and
    converts it (`dyncompile convert ... --groups 8`): both methods start from this same trained model.
 2. For every seed, runs `--method usnet` and `--method progressive` on a fresh copy of that workspace with the
    same data subset, epochs, optimizer and seed (the progressive run also spends its noise-ranking pass and
@@ -35,7 +35,7 @@ from dyncompile.search.run import SearchOptions, SearchRun  # noqa: E402
 from dyncompile.ir import uniform_config  # noqa: E402
 from dyncompile.search.train import cosine_lr, make_optimizer  # noqa: E402
 from dyncompile.search.usnet import uniform_widths  # noqa: E402
-from examples.zoo.resnet import resnet20_fashion  # noqa: E402
+from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
 
 INPUT_SHAPE = (1, 1, 28, 28)
 
@@ -70,7 +70,7 @@ def train_full_model(path: Path, *, train_limit: int, epochs: int, batch_size: i
 
 def convert(state_dict: Path, workspace: Path, groups: int) -> None:
     cmd = [sys.executable, "-m", "dyncompile.cli", "convert", str(state_dict), "--arch",
-           "examples.zoo.resnet:resnet20_fashion", "--input-shape", ",".join(map(str, INPUT_SHAPE)),
+           "dyncompile.zoo.resnet:resnet20_fashion", "--input-shape", ",".join(map(str, INPUT_SHAPE)),
            "--groups", str(groups), "--workspace", str(workspace), "--json"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 

@@ -32,7 +32,7 @@ from dyncompile.build import build, import_subnet, prepare, tune, uniform_subnet
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
 from dyncompile.targets import cpu, get_target  # noqa: E402
-from examples.zoo.resnet import resnet20_fashion  # noqa: E402
+from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
 
 
 def stock_builder():

@@ -37,6 +37,35 @@ def _console(stderr: bool) -> Console:
 console = _console(stderr=True)
 out = _console(stderr=False)
 
+
+def versions() -> dict[str, str]:
+    """dyncompile's version and those of the two libraries a deployable depends on (what a bug report needs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import dyncompile
+
+    found = {"dyncompile": dyncompile.__version__}
+    for package in ("torch", "apache-tvm", "apache-tvm-ffi"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print("  ".join(f"{name} {v}" for name, v in versions().items()), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the versions of dyncompile, torch and TVM, then exit.")] = False,
+) -> None:
+    """Give a trained static CNN run-time dynamic inference: convert it into nested, switchable sub-networks."""
+
 WorkspaceOption = Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder (made by convert).")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

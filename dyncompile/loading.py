@@ -45,7 +45,7 @@ def import_factory(spec: str) -> nn.Module:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelLoadError(f"'{spec}' is neither a file nor package.module:factory (e.g. examples.zoo.resnet:resnet20_cifar)")
+        raise ModelLoadError(f"'{spec}' is neither a file nor package.module:factory (e.g. dyncompile.zoo.resnet:resnet20_cifar)")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:

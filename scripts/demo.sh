@@ -14,7 +14,7 @@ tune_minutes=${DEMO_TUNE_MINUTES:+--tune-minutes $DEMO_TUNE_MINUTES}
 dc=.venv/bin/dyncompile
 rm -rf "$ws"
 echo "== 1/5 convert: ResNet-20 (untrained, 1x28x28), 8 channel groups per set"
-$dc convert examples.zoo.resnet:resnet20_fashion --input-shape 1,1,28,28 --groups 8 --workspace "$ws"
+$dc convert dyncompile.zoo.resnet:resnet20_fashion --input-shape 1,1,28,28 --groups 8 --workspace "$ws"
 echo "== 2/5 search: progressive, on $train_limit Fashion-MNIST images (short budget: 2 epochs at full width"
 echo "         first because the model is untrained, 1 noise-ranking epoch, 1 epoch of joint training)"
 $dc search --workspace "$ws" --data fashion-mnist --subnets 0.25,0.5,1.0 --train-limit "$train_limit" \

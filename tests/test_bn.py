@@ -8,7 +8,7 @@ from dyncompile.ir import LABELS, SHAPE, keep_mask, uniform_config
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.passes.rewrite import convert_to_slimmable
 from dyncompile.pipeline import analyse_model
-from examples.zoo import ZOO, build
+from dyncompile.zoo import ZOO, build
 
 
 def test_calibrated_statistics_match_the_extracted_subnet():

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dyncompile.cli import app
 from tests.cli_assertions import assert_one_line_error
 
-FACTORY = "examples.zoo.resnet:resnet20_cifar"
+FACTORY = "dyncompile.zoo.resnet:resnet20_cifar"
 SHAPE = "1,3,32,32"
 runner = CliRunner()
 
@@ -90,7 +90,7 @@ def test_missing_workspace():
 
 @pytest.fixture
 def model_files(tmp_path, monkeypatch):
-    from examples.zoo.resnet import resnet20_cifar
+    from dyncompile.zoo.resnet import resnet20_cifar
 
     model = resnet20_cifar().eval()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
@@ -118,7 +118,7 @@ def test_pickled_module_needs_explicit_trust(model_files):
     (["missing.pt"], ["does not exist"]),
     (["corrupt.pt"], ["not a valid PyTorch file"]),
     (["no_such_module:factory"], ["cannot import"]),
-    (["weights.pt", "--arch", "examples.zoo.vgg:vgg11_bn_cifar"], ["does not fit"]),
+    (["weights.pt", "--arch", "dyncompile.zoo.vgg:vgg11_bn_cifar"], ["does not fit"]),
     ([FACTORY, "--input-shape", "1,5,32,32"], ["--input-shape"]),
     ([FACTORY, "--input-shape", "a,b"], ["not a list of integers"]),
     ([FACTORY, "--input-shape", SHAPE, "--groups", "0"], ["--groups"]),

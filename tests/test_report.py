@@ -29,7 +29,7 @@ from dyncompile.report import collect_report, make_report, write_report
 from dyncompile.search.result import SearchResult, SubnetRecord, apply_result, save_search_result
 from dyncompile.workspace import load_workspace
 
-FACTORY = "examples.zoo.resnet:resnet20_cifar"
+FACTORY = "dyncompile.zoo.resnet:resnet20_cifar"
 runner = CliRunner()
 
 # FIXTURE VALUES (not measured): test accuracies per budget for the two methods, and the model as given.
@@ -211,7 +211,7 @@ def test_fresh_workspace_report_says_what_is_missing_in_one_line_each(plain_work
     assert page.count('class="missing"') == len(report.missing) >= 4
     assert "<code>dyncompile search</code>" in page
     # the model summary is there regardless
-    assert "examples.zoo.resnet:resnet20_cifar" in page and "40.81 M" in page
+    assert "dyncompile.zoo.resnet:resnet20_cifar" in page and "40.81 M" in page
 
 
 def test_damaged_search_result_is_named_in_its_section_and_the_rest_still_renders(full_workspace, tmp_path):

@@ -6,7 +6,7 @@ import dyncompile.verify as verify_module
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.pipeline import analyse_model
 from dyncompile.verify import verify
-from examples.zoo import ZOO, build
+from dyncompile.zoo import ZOO, build
 
 
 def _dg():

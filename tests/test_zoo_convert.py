@@ -5,7 +5,7 @@ import torch
 
 from dyncompile.pipeline import analyse_model
 from dyncompile.verify import verify
-from examples.zoo import ZOO, build
+from dyncompile.zoo import ZOO, build
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
 # Models whose grouped 1×1 convs + shuffle tie most channels together (correct, but few free sets: see docs).

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-from examples.zoo import FEATURES, ZOO, build  # `examples` is importable via pytest's pythonpath
+from dyncompile.zoo import FEATURES, ZOO, build  # `examples` is importable via pytest's pythonpath
 
 ZOO_DIR = REPO_ROOT / "examples" / "zoo"
 
@@ -22,8 +22,8 @@ def test_registry_entries_are_well_formed():
     for name, entry in ZOO.items():
         assert entry.name == name
         module_name, sep, function_name = entry.factory.partition(":")
-        assert sep and module_name.startswith("examples.zoo.") and function_name.isidentifier(), entry.factory
-        assert (ZOO_DIR / (module_name.removeprefix("examples.zoo.") + ".py")).is_file(), entry.factory
+        assert sep and module_name.startswith("dyncompile.zoo.") and function_name.isidentifier(), entry.factory
+        assert (ZOO_DIR / (module_name.removeprefix("dyncompile.zoo.") + ".py")).is_file(), entry.factory
         assert len(entry.input_shape) == 4 and entry.input_shape[:2] == (1, 3), entry.input_shape
         assert entry.input_shape[2:] in ((32, 32), (224, 224))
         assert entry.features and set(entry.features) <= set(FEATURES), set(entry.features) - set(FEATURES)
@@ -44,8 +44,8 @@ def test_zoo_sources_are_plain_torch():
 
 def test_importing_the_registry_imports_no_model_module():
     code = (
-        "import sys, examples.zoo as zoo; "
-        "loaded = [m for m in sys.modules if m.startswith('examples.zoo.')]; "
+        "import sys, dyncompile.zoo as zoo; "
+        "loaded = [m for m in sys.modules if m.startswith('dyncompile.zoo.')]; "
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

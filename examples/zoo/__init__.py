@@ -2,7 +2,7 @@
 converter on the channel-coupling patterns real networks contain.
 
 The models know nothing about dyncompile. Each entry of `ZOO` names a factory as ``"module:function"``
-(importable as ``examples.zoo.<module>:<function>``), the input shape it expects at batch 1, and the
+(importable as ``dyncompile.zoo.<module>:<function>``), the input shape it expects at batch 1, and the
 coupling features it exercises (tags from `FEATURES`). Model modules are imported only by `build`.
 
 CIFAR variants (input 1x3x32x32) classify 10 classes; ImageNet variants (1x3x224x224, real ImageNet
@@ -63,7 +63,7 @@ FEATURES: dict[str, str] = {
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    factory: str  # "examples.zoo.resnet:resnet20_cifar"
+    factory: str  # "dyncompile.zoo.resnet:resnet20_cifar"
     input_shape: tuple[int, ...]  # at batch 1, e.g. (1, 3, 32, 32)
     features: tuple[str, ...]  # tags from FEATURES, e.g. ("residual", "projection")
     needs_fallback: bool = False  # torch.fx.symbolic_trace fails on purpose
@@ -79,7 +79,7 @@ IMAGENET = (1, 3, 224, 224)
 
 
 def _entry(name: str, factory: str, input_shape, features: str, needs_fallback: bool = False) -> ZooEntry:
-    return ZooEntry(name, f"examples.zoo.{factory}", tuple(input_shape), tuple(features.split()), needs_fallback)
+    return ZooEntry(name, f"dyncompile.zoo.{factory}", tuple(input_shape), tuple(features.split()), needs_fallback)
 
 
 _ENTRIES = [

@@ -18,7 +18,7 @@ from dyncompile.passes.rewrite import convert_to_slimmable, set_subnet
 from dyncompile.pipeline import analyse_model
 from dyncompile.search.subnets import SharedSubnets, accuracy, batchnorms, calibrate
 from dyncompile.verify import randomise_norm_statistics
-from examples.zoo.resnet import resnet20_fashion
+from dyncompile.zoo.resnet import resnet20_fashion
 
 SHAPE = (1, 1, 28, 28)
 

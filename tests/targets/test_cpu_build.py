@@ -22,8 +22,8 @@ from dyncompile.measure import count_macs
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.pipeline import analyse_model
 from dyncompile.targets import UnknownTargetError, get_target, known_targets
-from examples.zoo import ZOO
-from examples.zoo import build as build_zoo_model
+from dyncompile.zoo import ZOO
+from dyncompile.zoo import build as build_zoo_model
 
 
 def _randomise_norms(model: nn.Module) -> nn.Module:

@@ -17,8 +17,8 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.pipeline import analyse_model
 from dyncompile.targets import TargetKind, get_target
 from dyncompile.targets import cuda
-from examples.zoo import ZOO
-from examples.zoo import build as build_zoo_model
+from dyncompile.zoo import ZOO
+from dyncompile.zoo import build as build_zoo_model
 
 KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(')
 
