@@ -1,4 +1,8 @@
-"""Errors a user can fix. The CLI prints them as one red line (no traceback) and exits non-zero."""
+"""Errors a user can fix, and the one kind that is a dyncompile bug.
+
+The CLI prints a `DyncompileError` as one red line (no traceback) and exits 2; an `InternalError` (or any other
+exception) as one line that asks for a bug report, exit 3.
+"""
 
 
 class DyncompileError(Exception):
@@ -31,3 +35,7 @@ class DatasetError(DyncompileError):
 
 class WriteError(DyncompileError):
     """An output could not be written (disk full, file too large, no permission); the previous one is kept."""
+
+
+class InternalError(Exception):
+    """An invariant of dyncompile's own analysis was broken: a bug to report, never the user's input (exit 3)."""
