@@ -27,7 +27,7 @@ import torch
 
 from dyncompile.errors import WorkspaceError
 from dyncompile.fileio import check_checksums, replace_durably, sha256_file, write_errors
-from dyncompile.ir import DynGraph, SubnetConfig
+from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 
 __all__ = ["SEARCH_DIR", "SubnetRecord", "SearchResult", "save_search_result", "load_search_result",
            "apply_result", "subnet_weights", "result_dir"]
@@ -158,16 +158,12 @@ def apply_result(dg: DynGraph, result: SearchResult, state_dict: dict[str, torch
     """A copy of `dg` whose sets' groups are in search order and whose graph holds the trained weights."""
     new = copy.copy(dg)
     new.gm = copy.deepcopy(dg.gm)
-    new.sets = []
-    for s in dg.sets:
-        s = copy.deepcopy(s)
-        order = result.group_order.get(s.name)
-        if order is not None:
-            if sorted(order) != list(range(len(s.groups))):
-                raise WorkspaceError(f"search result orders set '{s.name}' wrongly; re-run `dyncompile search`")
-            s.groups = [s.groups[i] for i in order]
-            s.group_channels = [s.group_channels[i] for i in order]
-        new.sets.append(s)
+    new.sets = [copy.deepcopy(s) for s in dg.sets]
+    try:
+        reorder_groups(new, result.group_order)
+    except ValueError as e:
+        raise WorkspaceError(f"the search result orders channel groups wrongly ({e}); "
+                             f"re-run `dyncompile search`") from None
     if state_dict is not None:
         missing = set(new.gm.state_dict()) - set(state_dict)
         if missing:

@@ -26,7 +26,7 @@ import torch
 
 from dyncompile.data import Splits, loader, open_dataset
 from dyncompile.errors import ConfigError
-from dyncompile.ir import DynGraph, SubnetConfig
+from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 from dyncompile.measure import count_macs, count_params
 from dyncompile.search.rank import DIRECTIONS, RANKINGS
 from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
@@ -187,13 +187,11 @@ class SearchRun:
     # ── models, costs and accuracies ──
 
     def reorder_groups(self, order: dict[str, list[int]]) -> None:
-        """Put every set's groups in search order (logically permuting channels): sub-nets are prefixes."""
-        for s in self.dg.sets:
-            if s.name in order and not getattr(s, "_dyncompile_ordered", False):
-                s.groups = [s.groups[i] for i in order[s.name]]
-                s.group_channels = [s.group_channels[i] for i in order[s.name]]
-                s._dyncompile_ordered = True
-        self.net._skeletons.clear()
+        """Put every set's groups in search order (logically permuting channels): sub-nets are prefixes.
+
+        Once per run: `order` lists original group indices, so applying it again would permute twice."""
+        reorder_groups(self.dg, order)
+        self.net._skeletons.clear()  # cut for the old order
 
     def macs(self, config: SubnetConfig | None) -> int:
         key = config_key(self.dg, config)
