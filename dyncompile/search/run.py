@@ -1,10 +1,14 @@
-"""A search run: the options, the phases in order, and what they share (weights, data, checkpoint, log).
+"""A search run: the options, and what every method's phases share (weights, data, checkpoint, log, training).
 
-    SearchRun(workspace, options).run()
-        progressive: [train-full] → measure → rank → search (+ fine-tunes) → select → joint-train → calibrate
-        usnet:       [train-full] → measure → usnet-train → calibrate (widths closest to each budget)
+    result = run_search("dyncompile-workspace", SearchOptions(method="progressive", epochs=3), progress=print)
 
-Each phase is a method that first checks whether the checkpoint says it is already done, so a killed run
+`run_search` is the one call the CLI, the benchmarks and a notebook make. It opens a `SearchRun` and hands it
+to the method registered under `options.method` (`dyncompile.search.methods`), which runs its phases in order:
+
+    progressive: [train-full] → measure → rank → search (+ fine-tunes) → select → joint-train → calibrate
+    usnet:       [train-full] → measure → usnet-train → calibrate (widths closest to each budget)
+
+Each phase first checks whether the checkpoint says it is already done, so a killed run
 resumes where it stopped (`resume=True`) and ends with the same sub-nets and accuracies (see `train.py` for why
 that holds). Every evaluation and phase event goes to `<workspace>/search/<method>/log.jsonl` and, summarised,
 to `SearchResult.history`.
@@ -28,6 +32,7 @@ from dyncompile.data import Splits, loader, open_dataset
 from dyncompile.errors import ConfigError
 from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 from dyncompile.measure import count_macs, count_params
+from dyncompile.search.methods import get_search_method
 from dyncompile.search.rank import DIRECTIONS, RANKINGS
 from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
 from dyncompile.search.subnets import SharedSubnets, accuracy, calibrate, config_key, full_config
@@ -36,7 +41,6 @@ from dyncompile.workspace import load_workspace
 
 __all__ = ["SearchOptions", "SearchRun", "run_search"]
 
-METHODS = ("progressive", "usnet")
 RANK_DIGEST_ENV = "DYNCOMPILE_SEARCH_RANK_DIGEST"  # tests: a path prefix each rank writes its digest to
 
 
@@ -85,8 +89,7 @@ class SearchOptions:
     checkpoint_every_s: float = 60.0
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method '{self.method}' is unknown; use one of {', '.join(METHODS)}")
+        get_search_method(self.method)
         for field, choices in (("rank", RANKINGS), ("rank_direction", DIRECTIONS), ("budget_window", ("around", "under")),
                                ("joint_pool", ("chosen", "chain")), ("threshold_mode", ("drop", "absolute"))):
             value = getattr(self, field)
@@ -365,15 +368,8 @@ class SearchRun:
         Path(f"{prefix}.rank{self.procs.rank}.json").write_text(json.dumps(record, indent=1))
 
     def run(self) -> SearchResult:
-        if self.options.method == "usnet":
-            from dyncompile.search.usnet import run_usnet
-            return run_usnet(self)
-        from dyncompile.search.progressive import run_progressive
-        return run_progressive(self)
-
-
-def subnet_name(budget: float) -> str:
-    return f"macs{round(budget * 100):d}"
+        """Run the options' search method to its end (from where the checkpoint stopped, when resumed)."""
+        return get_search_method(self.options.method).run(self)
 
 
 def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False,
