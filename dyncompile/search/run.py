@@ -1,17 +1,19 @@
 """A search run: the options, and what every method's phases share (weights, data, checkpoint, log, training).
 
-    result = run_search("dyncompile-workspace", SearchOptions(method="progressive", epochs=3), progress=print)
+    result = run_search("dyncompile-workspace", SearchOptions(method="usnet", epochs=3),
+                        progress=lambda kind, **info: print(kind, info))
 
-`run_search` is the one call the CLI, the benchmarks and a notebook make. It opens a `SearchRun` and hands it
-to the method registered under `options.method` (`dyncompile.search.methods`), which runs its phases in order:
+`run_search` is the one call the CLI and a notebook make. It opens a `SearchRun` (scripts that need a run's
+internals, like the benchmarks, open one themselves) and hands it to the method registered under
+`options.method` (`dyncompile.search.methods`), which runs its phases in order:
 
     progressive: [train-full] → measure → rank → search (+ fine-tunes) → select → joint-train → calibrate
     usnet:       [train-full] → measure → usnet-train → calibrate (widths closest to each budget)
 
-Each phase first checks whether the checkpoint says it is already done, so a killed run
-resumes where it stopped (`resume=True`) and ends with the same sub-nets and accuracies (see `train.py` for why
-that holds). Every evaluation and phase event goes to `<workspace>/search/<method>/log.jsonl` and, summarised,
-to `SearchResult.history`.
+Each phase first checks whether the checkpoint says it is already done, so a killed run resumes where it
+stopped (`resume=True`) and ends with the same sub-nets and accuracies (see `train.py` for why that holds).
+Every evaluation and phase event goes to `<workspace>/search/<method>/log.jsonl` and, summarised, to
+`SearchResult.history`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from dyncompile.search.methods import get_search_method
 from dyncompile.search.rank import DIRECTIONS, RANKINGS
 from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
 from dyncompile.search.subnets import SharedSubnets, accuracy, calibrate, config_key, full_config
-from dyncompile.search.train import Checkpoint, EventLog, Processes, cosine_lr, make_optimizer, multi_subnet_step, step_generator
+from dyncompile.search.train import (CHECKPOINT_FILE, Checkpoint, EventLog, Processes, cosine_lr, make_optimizer,
+                                     multi_subnet_step, step_generator)
 from dyncompile.workspace import load_workspace
 
 __all__ = ["SearchOptions", "SearchRun", "run_search"]
@@ -110,7 +113,7 @@ class SearchOptions:
 
 
 class SearchRun:
-    """One `dyncompile search` invocation. `progress(kind, **info)` receives live updates (the CLI draws them)."""
+    """What the phases of one search share. `progress(kind, **info)` receives live updates (see `run_search`)."""
 
     def __init__(self, workspace: str | Path, options: SearchOptions, *, resume: bool = False,
                  progress: Callable[..., None] | None = None, procs: Processes | None = None):
@@ -369,9 +372,25 @@ class SearchRun:
 
     def run(self) -> SearchResult:
         """Run the options' search method to its end (from where the checkpoint stopped, when resumed)."""
+        self.progress("start", notes=list(self.splits.notes))
         return get_search_method(self.options.method).run(self)
 
 
-def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False,
-               progress: Callable[..., None] | None = None) -> SearchResult:
-    return SearchRun(workspace, options, resume=resume, progress=progress).run()
+def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False, restart: bool = False,
+               progress: Callable[..., None] | None = None, procs: Processes | None = None) -> SearchResult:
+    """Run the search `options` describe on a converted workspace; save and return its result.
+
+    An interrupted run of the same method left a checkpoint: `resume=True` continues it (refused, one line, if
+    it was made with other options), `restart=True` discards it; with neither, ConfigError, never thrown away
+    silently. `progress(kind, **info)` receives live updates: "start" (workspace and data open; `notes` on the
+    data), "train" (a training step: `id`, `label`, `step`, `total`, `loss`, `macs`), "search" (a candidate
+    scored: `step`, `candidate`, `macs`, `accuracy`) and "event" (each record of the run's log.jsonl).
+    `procs`: this process's place under torchrun (default: read from the environment)."""
+    options.check()
+    checkpoint = result_dir(workspace, options.method) / CHECKPOINT_FILE
+    if checkpoint.exists() and not (resume or restart):
+        raise ConfigError(f"an interrupted {options.method} search is saved in '{checkpoint}': pass --resume to "
+                          f"continue it or --restart to discard it")
+    if restart:
+        checkpoint.unlink(missing_ok=True)
+    return SearchRun(workspace, options, resume=resume, progress=progress, procs=procs).run()
