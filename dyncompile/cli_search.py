@@ -10,14 +10,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dyncompile.cli import JsonOption, WorkspaceOption, _print_json, app, console, friendly_errors, out
+from dyncompile.errors import ConfigError
+from dyncompile.search.methods import SEARCH_METHODS
+from dyncompile.search.result import result_dir
+from dyncompile.search.run import SearchOptions, run_search
+from dyncompile.search.train import Processes
 from dyncompile.workspace import DEFAULT_WORKSPACE
 
 __all__ = ["search"]
 
 
 def _parse_budgets(text: str) -> tuple[float, ...]:
-    from dyncompile.errors import ConfigError
-
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -28,9 +31,10 @@ def _parse_budgets(text: str) -> tuple[float, ...]:
 class _LiveProgress:
     """Draws the search's progress callbacks: one bar per training run, a status line for the search."""
 
-    def __init__(self, progress: Progress | None, quiet: bool):
+    def __init__(self, progress: Progress | None, quiet: bool, header: str):
         self.progress = progress
         self.quiet = quiet
+        self.header = header
         self.tasks: dict[str, int] = {}
         self.search_task = None
 
@@ -38,7 +42,11 @@ class _LiveProgress:
         p = self.progress
         if p is None:
             return
-        if kind == "train":
+        if kind == "start" and not self.quiet:  # after the workspace and data opened: a missing one is one line
+            p.console.print(self.header, highlight=False)
+            for note in info["notes"]:
+                p.console.print(f"[dim]data: {note}[/]", highlight=False)
+        elif kind == "train":
             task = self.tasks.get(info["id"])
             if task is None:
                 task = self.tasks[info["id"]] = p.add_task(info["label"], total=info["total"])
@@ -86,7 +94,8 @@ def search(
     data: Annotated[str, typer.Option(help="Dataset folder (IDX, CIFAR-10 python batches, ImageFolder) or a known "
                                            "name: fashion-mnist.")] = "fashion-mnist",
     subnets: Annotated[str, typer.Option(help="Sub-nets to choose, as MACs fractions of the full model.")] = "0.25,0.5,0.75,1.0",
-    method: Annotated[str, typer.Option(help="progressive (Yang et al. 2020) or usnet (the US-Nets baseline).")] = "progressive",
+    method: Annotated[str, typer.Option(help="; ".join(f"{m.name}: {m.summary}"
+                                                      for m in SEARCH_METHODS.values()) + ".")] = "progressive",
     epochs: Annotated[float, typer.Option(help="Epochs of the final multi-sub-net training (US-Nets: its training).")] = 5.0,
     batch_size: Annotated[int, typer.Option(help="Training batch size (over all processes).")] = 128,
     lr: Annotated[float, typer.Option(help="Learning rate of the multi-sub-net training (cosine decay; the model "
@@ -121,10 +130,6 @@ def search(
     json_output: JsonOption = False,
 ) -> None:
     """Choose nested sub-nets by training on real data: the progressive search, or the US-Nets baseline."""
-    from dyncompile.errors import ConfigError
-    from dyncompile.search.result import result_dir
-    from dyncompile.search.run import SearchOptions, SearchRun
-
     options = SearchOptions(method=method, data=data, subnets=_parse_budgets(subnets), epochs=epochs,
                             batch_size=batch_size, lr=lr, seed=seed, train_limit=train_limit, val_limit=val_limit,
                             train_full=train_full, rank=rank, rank_direction=rank_direction, noise_epochs=noise_epochs,
@@ -132,31 +137,15 @@ def search(
                             threshold_mode=threshold_mode, finetune_epochs=finetune_epochs, tolerance=tolerance,
                             budget_window=budget_window, joint_pool=joint_pool, remeasure_chain=remeasure,
                             checkpoint_every_s=checkpoint_every)
-    options.check()
-    checkpoint = result_dir(workspace, method) / "checkpoint.pt"
-    if checkpoint.exists() and not (resume or restart):
-        raise ConfigError(f"an interrupted {method} search is saved in '{checkpoint}': pass --resume to continue it "
-                          f"or --restart to discard it")
-    if restart and checkpoint.exists():
-        checkpoint.unlink()
-    from dyncompile.search.train import Processes
-
     procs = Processes.from_environment()
-    show = procs.main  # under torchrun only rank 0 draws
+    show = procs.main  # under torchrun only rank 0 draws and prints
+    header = (f"[bold]dyncompile search[/] --method {method}: {epochs:g} epochs, batch {batch_size}, data {data}"
+              + (f" ({train_limit} training images)" if train_limit else ""))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True, disable=not show) as progress:
-        live = _LiveProgress(progress if show else None, quiet=json_output)
-        # opened before the header: a missing workspace or dataset is one error line, nothing else
-        run = SearchRun(workspace, options, resume=resume, progress=live, procs=procs)
-        if show and not json_output:
-            progress.console.print(f"[bold]dyncompile search[/] --method {method}: {options.epochs:g} epochs, batch "
-                                   f"{options.batch_size}, data {data}"
-                                   + (f" ({train_limit} training images)" if train_limit else ""), highlight=False)
-        if show and not json_output:
-            for note in run.splits.notes:
-                progress.console.print(f"[dim]data: {note}[/]", highlight=False)
-        result = run.run()
+        live = _LiveProgress(progress if show else None, quiet=json_output, header=header)
+        result = run_search(workspace, options, resume=resume, restart=restart, progress=live, procs=procs)
     if not procs.main:
         return
     if json_output:

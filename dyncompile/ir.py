@@ -23,7 +23,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["ARGS", "FIXED", "LABELS", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config", "keep_mask"]
+__all__ = ["ARGS", "FIXED", "LABELS", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config", "keep_mask",
+           "reorder_groups"]
 
 FIXED = 0
 LABELS = "dyncompile_labels"
@@ -110,3 +111,18 @@ def keep_mask(dg: DynGraph, config: SubnetConfig) -> torch.Tensor:
         for group in s.groups[kept:]:
             keep[group] = False
     return keep
+
+
+def reorder_groups(dg: DynGraph, order: dict[str, list[int]]) -> None:
+    """Put the groups of every set named in `order` in that order, in place.
+
+    `order[set]` lists the set's original group indices, the first kept first. Sub-nets keep a prefix of each
+    set's groups, so this is how a ranking of the groups becomes nested sub-nets.
+    Raises ValueError, before changing anything, unless each order is a permutation of its set's groups."""
+    named = [(s, order[s.name]) for s in dg.sets if s.name in order]
+    for s, o in named:
+        if sorted(o) != list(range(len(s.groups))):
+            raise ValueError(f"set {s.name!r} has {len(s.groups)} groups; {list(o)} is not an order of them")
+    for s, o in named:
+        s.groups = [s.groups[i] for i in o]
+        s.group_channels = [s.group_channels[i] for i in o]

@@ -21,8 +21,10 @@ import torch
 
 from dyncompile.errors import ConfigError
 from dyncompile.ir import ChannelSet, DynGraph, SubnetConfig
+from dyncompile.search.methods import SearchMethod, register_search_method
 from dyncompile.search.rank import NoiseScales, group_order, l1_scores
-from dyncompile.search.result import SearchResult
+from dyncompile.search.result import SearchResult, subnet_name
+from dyncompile.search.run import SearchRun
 from dyncompile.search.subnets import full_config
 
 __all__ = ["floor_groups", "shrink_candidates", "filter_chain", "select_for_budgets", "run_progressive"]
@@ -84,7 +86,7 @@ def select_for_budgets(chain: list[dict], budgets: list[float], tolerance: float
     return chosen
 
 
-def _check_budgets_reachable(run) -> None:
+def _check_budgets_reachable(run: SearchRun) -> None:
     o = run.options
     floor_config = {s.name: floor_groups(s, o.floor) for s in run.dg.free_sets}
     smallest = run.macs(floor_config) / run.full_macs
@@ -95,7 +97,7 @@ def _check_budgets_reachable(run) -> None:
                           f"lower --floor or ask for a larger budget")
 
 
-def _rank(run) -> None:
+def _rank(run: SearchRun) -> None:
     o, v = run.options, run.state["values"]
     if not run.phase("rank"):
         return
@@ -114,7 +116,7 @@ def _rank(run) -> None:
     run.finish_phase("rank")
 
 
-def _search(run) -> None:
+def _search(run: SearchRun) -> None:
     o, v = run.options, run.state["values"]
     if not run.phase("search"):
         return
@@ -159,7 +161,7 @@ def _search(run) -> None:
     run.finish_phase("search")
 
 
-def _finetune(run, s: dict, spe: int) -> None:
+def _finetune(run: SearchRun, s: dict, spe: int) -> None:
     """Fine-tune the current sub-net jointly with the larger chain members until it is over the threshold."""
     o = run.options
     current = s["config"]
@@ -191,7 +193,7 @@ def _finetune(run, s: dict, spe: int) -> None:
     run.save()
 
 
-def _select(run) -> None:
+def _select(run: SearchRun) -> None:
     o, v = run.options, run.state["values"]
     if not run.phase("select"):
         return
@@ -214,7 +216,7 @@ def _select(run) -> None:
     run.finish_phase("select")
 
 
-def _joint_train(run) -> None:
+def _joint_train(run: SearchRun) -> None:
     o, v = run.options, run.state["values"]
     if not run.phase("joint-train") or o.epochs <= 0:
         return
@@ -238,9 +240,7 @@ def _joint_train(run) -> None:
     run.finish_phase("joint-train")
 
 
-def run_progressive(run) -> SearchResult:
-    from dyncompile.search.run import subnet_name
-
+def run_progressive(run: SearchRun) -> SearchResult:
     o = run.options
     _check_budgets_reachable(run)
     run.measure_given_model()
@@ -255,3 +255,7 @@ def run_progressive(run) -> SearchResult:
         entry = by_step[v["chosen"][str(b)]]
         records.append(run.record(subnet_name(b), entry["config"], b, search_accuracy=entry["accuracy"]))
     return run.finish(records, v["group_order"])
+
+
+register_search_method(SearchMethod("progressive", "the progressive sub-network search (Yang et al. 2020)",
+                                    run_progressive))

@@ -27,9 +27,9 @@ import torch
 
 from dyncompile.errors import WorkspaceError
 from dyncompile.fileio import check_checksums, replace_durably, sha256_file, write_errors
-from dyncompile.ir import DynGraph, SubnetConfig
+from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 
-__all__ = ["SEARCH_DIR", "SubnetRecord", "SearchResult", "save_search_result", "load_search_result",
+__all__ = ["SEARCH_DIR", "SubnetRecord", "SearchResult", "subnet_name", "save_search_result", "load_search_result",
            "apply_result", "subnet_weights", "result_dir"]
 
 SEARCH_DIR = "search"
@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 class SubnetRecord:
     """One chosen sub-net: its groups per set, cost and accuracy (test split, own BN statistics)."""
 
-    name: str  # e.g. "macs25"
+    name: str  # `subnet_name(budget)`, e.g. "macs25"
     config: SubnetConfig
     macs: int
     macs_fraction: float
@@ -56,7 +56,7 @@ class SubnetRecord:
 
 @dataclass
 class SearchResult:
-    method: str  # "progressive" or "usnet"
+    method: str  # the search method's registered name: "progressive", "usnet"
     subnets: list[SubnetRecord]
     group_order: dict[str, list[int]]  # set name → original group indices, most important first
     full_accuracy: float | None = None  # the model as given (before search), test split
@@ -79,6 +79,11 @@ class SearchResult:
         d = dict(d)
         d["subnets"] = [SubnetRecord(**s) for s in d["subnets"]]
         return cls(**d)
+
+
+def subnet_name(budget: float) -> str:
+    """The name of the sub-net chosen for a MACs budget: 0.25 → "macs25"."""
+    return f"macs{round(budget * 100):d}"
 
 
 def result_dir(workspace: str | Path, method: str) -> Path:
@@ -158,16 +163,12 @@ def apply_result(dg: DynGraph, result: SearchResult, state_dict: dict[str, torch
     """A copy of `dg` whose sets' groups are in search order and whose graph holds the trained weights."""
     new = copy.copy(dg)
     new.gm = copy.deepcopy(dg.gm)
-    new.sets = []
-    for s in dg.sets:
-        s = copy.deepcopy(s)
-        order = result.group_order.get(s.name)
-        if order is not None:
-            if sorted(order) != list(range(len(s.groups))):
-                raise WorkspaceError(f"search result orders set '{s.name}' wrongly; re-run `dyncompile search`")
-            s.groups = [s.groups[i] for i in order]
-            s.group_channels = [s.group_channels[i] for i in order]
-        new.sets.append(s)
+    new.sets = [copy.deepcopy(s) for s in dg.sets]
+    try:
+        reorder_groups(new, result.group_order)
+    except ValueError as e:
+        raise WorkspaceError(f"the search result orders channel groups wrongly ({e}); "
+                             f"re-run `dyncompile search`") from None
     if state_dict is not None:
         missing = set(new.gm.state_dict()) - set(state_dict)
         if missing:

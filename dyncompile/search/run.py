@@ -1,13 +1,19 @@
-"""A search run: the options, the phases in order, and what they share (weights, data, checkpoint, log).
+"""A search run: the options, and what every method's phases share (weights, data, checkpoint, log, training).
 
-    SearchRun(workspace, options).run()
-        progressive: [train-full] → measure → rank → search (+ fine-tunes) → select → joint-train → calibrate
-        usnet:       [train-full] → measure → usnet-train → calibrate (widths closest to each budget)
+    result = run_search("dyncompile-workspace", SearchOptions(method="usnet", epochs=3),
+                        progress=lambda kind, **info: print(kind, info))
 
-Each phase is a method that first checks whether the checkpoint says it is already done, so a killed run
-resumes where it stopped (`resume=True`) and ends with the same sub-nets and accuracies (see `train.py` for why
-that holds). Every evaluation and phase event goes to `<workspace>/search/<method>/log.jsonl` and, summarised,
-to `SearchResult.history`.
+`run_search` is the one call the CLI and a notebook make. It opens a `SearchRun` (scripts that need a run's
+internals, like the benchmarks, open one themselves) and hands it to the method registered under
+`options.method` (`dyncompile.search.methods`), which runs its phases in order:
+
+    progressive: [train-full] → measure → rank → search (+ fine-tunes) → select → joint-train → calibrate
+    usnet:       [train-full] → measure → usnet-train → calibrate (widths closest to each budget)
+
+Each phase first checks whether the checkpoint says it is already done, so a killed run resumes where it
+stopped (`resume=True`) and ends with the same sub-nets and accuracies (see `train.py` for why that holds).
+Every evaluation and phase event goes to `<workspace>/search/<method>/log.jsonl` and, summarised, to
+`SearchResult.history`.
 """
 
 from __future__ import annotations
@@ -26,17 +32,18 @@ import torch
 
 from dyncompile.data import Splits, loader, open_dataset
 from dyncompile.errors import ConfigError
-from dyncompile.ir import DynGraph, SubnetConfig
+from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 from dyncompile.measure import count_macs, count_params
+from dyncompile.search.methods import get_search_method
 from dyncompile.search.rank import DIRECTIONS, RANKINGS
 from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
 from dyncompile.search.subnets import SharedSubnets, accuracy, calibrate, config_key, full_config
-from dyncompile.search.train import Checkpoint, EventLog, Processes, cosine_lr, make_optimizer, multi_subnet_step, step_generator
+from dyncompile.search.train import (CHECKPOINT_FILE, Checkpoint, EventLog, Processes, cosine_lr, make_optimizer,
+                                     multi_subnet_step, step_generator)
 from dyncompile.workspace import load_workspace
 
 __all__ = ["SearchOptions", "SearchRun", "run_search"]
 
-METHODS = ("progressive", "usnet")
 RANK_DIGEST_ENV = "DYNCOMPILE_SEARCH_RANK_DIGEST"  # tests: a path prefix each rank writes its digest to
 
 
@@ -85,8 +92,7 @@ class SearchOptions:
     checkpoint_every_s: float = 60.0
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"--method '{self.method}' is unknown; use one of {', '.join(METHODS)}")
+        get_search_method(self.method)
         for field, choices in (("rank", RANKINGS), ("rank_direction", DIRECTIONS), ("budget_window", ("around", "under")),
                                ("joint_pool", ("chosen", "chain")), ("threshold_mode", ("drop", "absolute"))):
             value = getattr(self, field)
@@ -107,7 +113,7 @@ class SearchOptions:
 
 
 class SearchRun:
-    """One `dyncompile search` invocation. `progress(kind, **info)` receives live updates (the CLI draws them)."""
+    """What the phases of one search share. `progress(kind, **info)` receives live updates (see `run_search`)."""
 
     def __init__(self, workspace: str | Path, options: SearchOptions, *, resume: bool = False,
                  progress: Callable[..., None] | None = None, procs: Processes | None = None):
@@ -187,13 +193,11 @@ class SearchRun:
     # ── models, costs and accuracies ──
 
     def reorder_groups(self, order: dict[str, list[int]]) -> None:
-        """Put every set's groups in search order (logically permuting channels): sub-nets are prefixes."""
-        for s in self.dg.sets:
-            if s.name in order and not getattr(s, "_dyncompile_ordered", False):
-                s.groups = [s.groups[i] for i in order[s.name]]
-                s.group_channels = [s.group_channels[i] for i in order[s.name]]
-                s._dyncompile_ordered = True
-        self.net._skeletons.clear()
+        """Put every set's groups in search order (logically permuting channels): sub-nets are prefixes.
+
+        Once per run: `order` lists original group indices, so applying it again would permute twice."""
+        reorder_groups(self.dg, order)
+        self.net._skeletons.clear()  # cut for the old order
 
     def macs(self, config: SubnetConfig | None) -> int:
         key = config_key(self.dg, config)
@@ -367,17 +371,26 @@ class SearchRun:
         Path(f"{prefix}.rank{self.procs.rank}.json").write_text(json.dumps(record, indent=1))
 
     def run(self) -> SearchResult:
-        if self.options.method == "usnet":
-            from dyncompile.search.usnet import run_usnet
-            return run_usnet(self)
-        from dyncompile.search.progressive import run_progressive
-        return run_progressive(self)
+        """Run the options' search method to its end (from where the checkpoint stopped, when resumed)."""
+        self.progress("start", notes=list(self.splits.notes))
+        return get_search_method(self.options.method).run(self)
 
 
-def subnet_name(budget: float) -> str:
-    return f"macs{round(budget * 100):d}"
+def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False, restart: bool = False,
+               progress: Callable[..., None] | None = None, procs: Processes | None = None) -> SearchResult:
+    """Run the search `options` describe on a converted workspace; save and return its result.
 
-
-def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False,
-               progress: Callable[..., None] | None = None) -> SearchResult:
-    return SearchRun(workspace, options, resume=resume, progress=progress).run()
+    An interrupted run of the same method left a checkpoint: `resume=True` continues it (refused, one line, if
+    it was made with other options), `restart=True` discards it; with neither, ConfigError, never thrown away
+    silently. `progress(kind, **info)` receives live updates: "start" (workspace and data open; `notes` on the
+    data), "train" (a training step: `id`, `label`, `step`, `total`, `loss`, `macs`), "search" (a candidate
+    scored: `step`, `candidate`, `macs`, `accuracy`) and "event" (each record of the run's log.jsonl).
+    `procs`: this process's place under torchrun (default: read from the environment)."""
+    options.check()
+    checkpoint = result_dir(workspace, options.method) / CHECKPOINT_FILE
+    if checkpoint.exists() and not (resume or restart):
+        raise ConfigError(f"an interrupted {options.method} search is saved in '{checkpoint}': pass --resume to "
+                          f"continue it or --restart to discard it")
+    if restart:
+        checkpoint.unlink(missing_ok=True)
+    return SearchRun(workspace, options, resume=resume, progress=progress, procs=procs).run()

@@ -33,7 +33,9 @@ from dyncompile.ir import SubnetConfig
 from dyncompile.search.subnets import SharedSubnets, soft_cross_entropy
 
 __all__ = ["Processes", "step_generator", "make_optimizer", "cosine_lr", "multi_subnet_step", "Checkpoint",
-           "EventLog"]
+           "CHECKPOINT_FILE", "EventLog"]
+
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -133,11 +135,11 @@ def multi_subnet_step(net: SharedSubnets, optimizer: torch.optim.Optimizer, x: t
 
 
 class Checkpoint:
-    """`checkpoint.pt` in the run's folder: written to a temporary file and renamed (a kill leaves the old
+    """`checkpoint.pt` (CHECKPOINT_FILE) in the run's folder: written to a temporary file and renamed (a kill leaves the old
     one intact), read with weights_only=True (no pickled code). Rank 0 writes; every rank reads."""
 
     def __init__(self, folder: Path, fingerprint: str, procs: Processes, every_s: float = 60.0):
-        self.path = Path(folder) / "checkpoint.pt"
+        self.path = Path(folder) / CHECKPOINT_FILE
         self.fingerprint = fingerprint
         self.procs = procs
         self.every_s = every_s

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from dyncompile.ir import DynGraph, SubnetConfig, uniform_config
-from dyncompile.search.result import SearchResult
+from dyncompile.search.methods import SearchMethod, register_search_method
+from dyncompile.search.result import SearchResult, subnet_name
+from dyncompile.search.run import SearchRun
 
 __all__ = ["uniform_widths", "closest_widths", "run_usnet"]
 
@@ -37,9 +39,7 @@ def closest_widths(macs_of: dict[float, float], budgets: list[float]) -> dict[fl
     return {b: min(macs_of, key=lambda w: (abs(macs_of[w] - b), w)) for b in budgets}
 
 
-def run_usnet(run) -> SearchResult:
-    from dyncompile.search.run import subnet_name
-
+def run_usnet(run: SearchRun) -> SearchResult:
     o, dg = run.options, run.dg
     run.measure_given_model()
     if run.phase("usnet-train") and o.epochs > 0:
@@ -58,3 +58,6 @@ def run_usnet(run) -> SearchResult:
     records = [run.record(subnet_name(b), uniform_config(dg, chosen[b]), b) for b in sorted(o.subnets, reverse=True)]
     identity = {s.name: list(range(len(s.groups))) for s in dg.free_sets}
     return run.finish(records, identity)
+
+
+register_search_method(SearchMethod("usnet", "the US-Nets baseline (Yu & Huang 2019)", run_usnet))

@@ -1,16 +1,17 @@
-"""The plain functions of the search: floors, shrinking, chain filtering, budget selection, group ranking order
-and the US-Nets widths. Fast: no training, no data."""
+"""The plain functions of the search: floors, shrinking, chain filtering, budget selection, group ranking order,
+reordering and the US-Nets widths. Fast: no training, no data."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dyncompile.errors import ConfigError
-from dyncompile.ir import ChannelSet, DynGraph, uniform_config
+from dyncompile.errors import ConfigError, WorkspaceError
+from dyncompile.ir import ChannelSet, DynGraph, reorder_groups, uniform_config
 from dyncompile.pipeline import analyse_model
 from dyncompile.search.progressive import filter_chain, floor_groups, select_for_budgets, shrink_candidates
 from dyncompile.search.rank import group_order, l1_scores
+from dyncompile.search.result import SearchResult, apply_result
 from dyncompile.search.usnet import closest_widths, uniform_widths
 from tests.search.tiny_models import tiny_residual_cnn
 
@@ -174,6 +175,25 @@ def test_l1_scores_rank_the_group_with_zeroed_filters_last():
     assert len(scores["conv1"]) == len(s.groups) == 4
     order = group_order(scores, rank="l1", direction="tolerant-first")["conv1"]
     assert order[0] == 3 and order[-1] == 0
+
+
+def test_reorder_groups_puts_groups_in_the_order_and_refuses_a_wrong_one():
+    dg = graph_of(channel_set("a", [3, 1, 2]), channel_set("b", [1, 1]))
+    reorder_groups(dg, {"a": [2, 0, 1]})
+    a, b = dg.sets
+    assert a.groups == [[3], [1], [2]] and a.group_channels == [2, 3, 1]
+    assert b.groups == [[1], [2]]  # not named: unchanged
+    for wrong in ({"a": [0, 1]}, {"a": [0, 0, 1]}, {"b": [1, 0], "a": [0, 1, 3]}):
+        with pytest.raises(ValueError, match="is not an order"):
+            reorder_groups(dg, wrong)
+        assert a.groups == [[3], [1], [2]] and b.groups == [[1], [2]]  # nothing changed
+
+
+def test_apply_result_refuses_a_wrong_order_in_one_line():
+    dg = graph_of(channel_set("a", [1, 1]))
+    result = SearchResult(method="progressive", subnets=[], group_order={"a": [1, 1]})
+    with pytest.raises(WorkspaceError, match="orders channel groups wrongly .*re-run `dyncompile search`"):
+        apply_result(dg, result)
 
 
 # ── US-Nets widths ──
