@@ -69,7 +69,7 @@ def train_full_model(path: Path, *, train_limit: int, epochs: int, batch_size: i
 
 
 def convert(state_dict: Path, workspace: Path, groups: int) -> None:
-    cmd = [sys.executable, "-m", "dyncompile.cli", "convert", str(state_dict), "--arch",
+    cmd = [sys.executable, "-m", "dyncompile", "convert", str(state_dict), "--arch",
            "dyncompile.zoo.resnet:resnet20_fashion", "--input-shape", ",".join(map(str, INPUT_SHAPE)),
            "--groups", str(groups), "--workspace", str(workspace), "--json"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

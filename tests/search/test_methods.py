@@ -19,7 +19,7 @@ from dyncompile.search.usnet import run_usnet
 from tests.search.conftest import REPO, subprocess_env
 
 MODULES = [f"dyncompile.search.{name}" for name in
-           ("methods", "run", "progressive", "usnet", "result", "rank", "subnets", "train")] + ["dyncompile.cli_search"]
+           ("methods", "run", "progressive", "usnet", "result", "rank", "subnets", "train")] + ["dyncompile.cli.search"]
 
 
 def test_builtin_methods_are_registered_in_order():

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from dyncompile.cli import JsonOption, WorkspaceOption, _print_json, app, console, friendly_errors, out
+from dyncompile.cli.common import JsonOption, WorkspaceOption, app, console, friendly_errors, out, print_json
 from dyncompile.errors import ConfigError
 from dyncompile.search.methods import SEARCH_METHODS
 from dyncompile.search.result import result_dir
@@ -149,7 +149,7 @@ def search(
     if not procs.main:
         return
     if json_output:
-        _print_json({"method": result.method, "workspace": str(workspace), "full_accuracy": result.full_accuracy,
+        print_json({"method": result.method, "workspace": str(workspace), "full_accuracy": result.full_accuracy,
                      "wall_s": result.wall_s,
                      "subnets": [{"name": s.name, "budget": s.budget, "macs": s.macs, "macs_fraction": s.macs_fraction,
                                   "params": s.params, "accuracy": s.accuracy, "search_accuracy": s.search_accuracy,

@@ -15,7 +15,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from dyncompile.cli import JsonOption, WorkspaceOption, _parse_widths, _print_json, app, console, friendly_errors, out
+from dyncompile.cli.common import JsonOption, WorkspaceOption, app, console, friendly_errors, out, parse_widths, print_json
 from dyncompile.errors import ConfigError
 from dyncompile.workspace import DEFAULT_WORKSPACE
 
@@ -107,7 +107,7 @@ def build(
 
     kind = get_target(target)
     options = _target_options(kind, {"mcpu": mcpu, "arch": arch})
-    width_list = tuple(_parse_widths(widths)) if widths else None
+    width_list = tuple(parse_widths(widths)) if widths else None
     check_tuning_options(tune_trials, tune_minutes)
     _check_rpc(kind, rpc)
     kind.check_toolchain()
@@ -160,7 +160,7 @@ def build(
         notes.append(f"latency not measured: the deployable cannot run here ({why_not}); "
                      f"`dyncompile bench` on the target records it")
     if json_output:
-        _print_json({"deployable": str(path), "target": manifest["target"], "tuning": manifest["tuning"],
+        print_json({"deployable": str(path), "target": manifest["target"], "tuning": manifest["tuning"],
                      "compile_s": result.compile_s, "notes": notes,
                      "subnets": [{k: s[k] for k in ("name", "macs", "params", "kernels", "tuned_kernels",
                                                      "latency_ms", "accuracy")} for s in manifest["subnets"]]})
@@ -256,7 +256,7 @@ def run(
         _save_npy(output, y)
     record = next(s for s in model.subnets if s.name == name)
     if json_output:
-        _print_json({"subnet": name, "latency_ms": record.latency_ms, "accuracy": record.accuracy,
+        print_json({"subnet": name, "latency_ms": record.latency_ms, "accuracy": record.accuracy,
                      "shape": list(y.shape), "dtype": str(y.dtype),
                      "output": None if output is not None else y.tolist(),
                      "output_file": None if output is None else str(output)})
@@ -307,7 +307,7 @@ def bench(
                          how={"where": where, "statistic": "median", "repeats": repeats, "warmup": 3,
                               "batch": manifest["input"]["batch_size"], "by": "dyncompile bench"})
     if json_output:
-        _print_json([r.to_json() for r in rows])
+        print_json([r.to_json() for r in rows])
         return
     table = Table(title=f"dyncompile bench {deployable} ({manifest['target']['name']}, batch "
                         f"{manifest['input']['batch_size']}, median of {repeats})")

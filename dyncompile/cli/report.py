@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dyncompile.cli import JsonOption, WorkspaceOption, _print_json, app, console, friendly_errors, out
+from dyncompile.cli.common import JsonOption, WorkspaceOption, app, console, friendly_errors, out, print_json
 from dyncompile.workspace import DEFAULT_WORKSPACE
 
 
@@ -25,7 +25,7 @@ def report(
     with console.status("writing the report…"):
         result = make_report(workspace, output)
     if json_output:
-        _print_json(result.to_json())
+        print_json(result.to_json())
         return
     for line in result.missing:
         console.print(f"[yellow]note:[/] {line}", highlight=False, soft_wrap=True)
