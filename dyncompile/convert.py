@@ -8,14 +8,12 @@ from pathlib import Path
 
 import torch
 
-from dyncompile.errors import DyncompileError
+from dyncompile.errors import InternalError
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, guess_input_shape, load_model
 from dyncompile.measure import count_macs, count_params
-from dyncompile.passes.couple import couple
-from dyncompile.passes.group import group
 from dyncompile.passes.rewrite import convert_to_slimmable
-from dyncompile.passes.trace import trace
+from dyncompile.pipeline import analyse_model
 from dyncompile.verify import FULL_WIDTH_TOLERANCE
 from dyncompile.workspace import save_workspace
 
@@ -59,12 +57,7 @@ def convert(model: str, *, workspace: str | Path, groups: int = 8, input_shape: 
     module, source = load_model(model, arch=arch, trust_pickle=trust_pickle)
     shape, note = guess_input_shape(module, input_shape)
     notes = [note] if note else []
-    step("tracing")
-    dg = trace(module, shape, leaf_modules)
-    step("analysing channel couplings")
-    couple(dg, grouped_conv_mode)
-    step("grouping channels")
-    group(dg, groups)
+    dg = analyse_model(module, shape, groups, tuple(leaf_modules), grouped_conv_mode, step=step)
     step("checking full width against the original")
     generator = torch.Generator().manual_seed(REFERENCE_SEED)
     x = torch.randn(2, *shape[1:], generator=generator)
@@ -74,8 +67,8 @@ def convert(model: str, *, workspace: str | Path, groups: int = 8, input_shape: 
     error = float((got - expected).abs().max())
     tolerance = FULL_WIDTH_TOLERANCE * max(float(expected.abs().max()), 1e-12)
     if not error <= tolerance:
-        raise DyncompileError(f"the converted model differs from the original at full width by {error:.3g} "
-                              f"(> {tolerance:.3g}): please report this model")
+        raise InternalError(f"the converted model differs from the original at full width by {error:.3g} "
+                            f"(> {tolerance:.3g}): please report this model")
     macs, params = count_macs(dg.gm, shape), count_params(dg.gm)
     step("writing the workspace")
     path = save_workspace(workspace, dg, source, (x, expected), leaf_modules=tuple(leaf_modules),

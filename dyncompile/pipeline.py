@@ -3,11 +3,15 @@
     trace → couple → group            (analysis: DynGraph with channel sets and groups)
     rewrite                           (the slimmable model: Slim* layers + channel-group masks)
     extract(config)                   (any sub-net as a plain, smaller nn.Module)
+
+`analyse_model` runs the analysis passes in `ANALYSIS_PASSES` order; `dyncompile convert` and the tests call it,
+so the order lives here only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -16,17 +20,33 @@ from dyncompile.passes.couple import couple
 from dyncompile.passes.group import group
 from dyncompile.passes.trace import trace
 
-__all__ = ["analyse_model", "ANALYSIS_PASSES"]
+__all__ = ["AnalysisOptions", "analyse_model", "ANALYSIS_PASSES"]
 
-ANALYSIS_PASSES: list[tuple[str, Callable[..., DynGraph]]] = [("couple", couple), ("group", group)]
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    groups: int = 8  # channel groups per free channel set
+    grouped_conv_mode: str = "auto"  # see passes.couple.GROUPED_CONV_MODES
+
+
+# (name, what it does in words for progress lines, the pass); every pass takes (DynGraph, AnalysisOptions)
+ANALYSIS_PASSES: list[tuple[str, str, Callable[[DynGraph, AnalysisOptions], DynGraph]]] = [
+    ("couple", "analysing channel couplings", lambda dg, o: couple(dg, o.grouped_conv_mode)),
+    ("group", "grouping channels", lambda dg, o: group(dg, o.groups)),
+]
 
 
 def analyse_model(model: nn.Module, input_shape: tuple[int, ...], groups: int = 8, leaf_modules: tuple[str, ...] = (),
-                  grouped_conv_mode: str = "auto", dump_after: str | None = None) -> DynGraph:
-    """trace → couple → group. `dump_after`: print the DynGraph's sets after that pass (debugging)."""
+                  grouped_conv_mode: str = "auto", dump_after: str | None = None,
+                  step: Callable[[str], None] = lambda _: None) -> DynGraph:
+    """trace → couple → group. `dump_after`: print the DynGraph's sets after that pass (debugging); `step` is told
+    what runs next (progress)."""
+    options = AnalysisOptions(groups, grouped_conv_mode)
+    step("tracing")
     dg = trace(model, tuple(input_shape), tuple(leaf_modules))
-    for name, run_pass in ANALYSIS_PASSES:
-        dg = run_pass(dg, grouped_conv_mode) if name == "couple" else run_pass(dg, groups)
+    for name, doing, run_pass in ANALYSIS_PASSES:
+        step(doing)
+        dg = run_pass(dg, options)
         if dump_after == name:
             for s in dg.sets:
                 print(name, s.to_json())
