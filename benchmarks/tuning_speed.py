@@ -31,7 +31,8 @@ from dyncompile import runtime  # noqa: E402
 from dyncompile.build import build, import_subnet, prepare, tune, uniform_subnets  # noqa: E402
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
-from dyncompile.targets import cpu, get_target  # noqa: E402
+from dyncompile.targets import get_target  # noqa: E402
+from dyncompile.targets.llvm_common import build_candidate  # noqa: E402
 from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def stock_builder():
     """What `cpu.tuning_builder` was before the pooled builder: TVM's LocalBuilder, same build function."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.builder.LocalBuilder(timeout_sec=120.0, f_build=cpu._build_candidate,
+    return ms.builder.LocalBuilder(timeout_sec=120.0, f_build=build_candidate,
                                    max_workers=max(1, os.cpu_count() or 1))
 
 
