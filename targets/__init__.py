@@ -6,6 +6,14 @@
 and call its functions. A new target is one new module plus one line in `TARGETS`. Targets that run on a
 separate board (arm) also provide `check_board(rpc)` and `remote_vm(...)`, which `--rpc` uses. Target
 modules import TVM only inside their functions, so listing or looking up targets stays fast.
+
+Beside the target modules, the compile steps every target goes through:
+
+    relax_import.py   one sub-net → a Relax function + the recipe that cuts its weights from the full ones
+    pipeline.py       the prepare pass list, applying tuning records, the target's schedules and lowering
+    tuning.py         MetaSchedule tuning, one database and ledger per target, resumable
+    llvm_common.py    what the LLVM targets share (ISA features for check_runnable, the candidate builder)
+    pooled_builder.py the MetaSchedule builder with long-lived workers
 """
 
 from __future__ import annotations
