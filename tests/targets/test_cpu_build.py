@@ -147,6 +147,7 @@ def test_manifest_round_trip(built):
 
     dg, subnets, result, out = built
     manifest = read_manifest(out).to_json()  # the file's format, key by key
+    assert manifest == json.loads((out / MANIFEST).read_text())  # the typed manifest loses nothing
     assert manifest["target"]["name"] == "cpu" and manifest["target"]["device"] == "cpu"
     assert manifest["target"]["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
     assert manifest["versions"]["tvm"] == tvm.__version__ and manifest["versions"]["torch"] == torch.__version__
@@ -221,6 +222,11 @@ def _edit_manifest(path, edit):
     manifest = json.loads((path / MANIFEST).read_text())
     edit(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_rpc_is_only_for_targets_that_run_on_boards(built):
+    with pytest.raises(ConfigError, match="--rpc is for boards"):
+        runtime.load(built[3], rpc="127.0.0.1:9")
 
 
 def test_a_deployable_for_another_target_is_refused(copy_of, built):
