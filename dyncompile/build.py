@@ -27,7 +27,7 @@ from dyncompile.deployable import Manifest, default_output, read_manifest, recor
 from dyncompile.errors import ConfigError
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.subnet_choice import subnets_from_workspace, uniform_subnets, workspace_facts
-from dyncompile.targets import get_target
+from dyncompile.targets import check_board_for, get_target
 from dyncompile.targets.pipeline import (TRANSFORM_SUFFIX, apply_database, compile_module, entry_module,
                                          is_scheduled, kernels, prepare)
 from dyncompile.targets.relax_import import BuildError, SubnetBuild, first_line, import_subnet
@@ -186,9 +186,7 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
     options = dict(target_options or {})
     check_tuning_options(tune_trials, tune_minutes)
     if rpc is not None:
-        if not hasattr(kind, "check_board"):
-            raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
-        kind.check_board(rpc)
+        check_board_for(kind, rpc)
     kind.check_toolchain()
     kind.tvm_target(**options)  # a bad mcpu/arch fails before the long steps
     if progress:

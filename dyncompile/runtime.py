@@ -29,8 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dyncompile.deployable import LIBRARY, WEIGHTS, DeployableError, DeployedSubnet, Manifest, read_manifest
-from dyncompile.errors import ConfigError
-from dyncompile.targets import UnknownTargetError, get_target
+from dyncompile.targets import UnknownTargetError, check_board_for, get_target
 
 __all__ = ["DeployedModel", "LocalModel", "BoardModel", "SubnetInfo", "load", "read_weights", "subnet_inputs"]
 
@@ -263,9 +262,7 @@ def load(path: str | Path, device: str = "cpu", rpc: str | None = None) -> Deplo
     target = manifest.target
     kind = _check_target(path, manifest)
     if rpc is not None:
-        if not hasattr(kind, "remote_vm"):
-            raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
-        kind.check_board(rpc)
+        check_board_for(kind, rpc)
         return BoardModel(path, manifest, kind, rpc)
     if target.device != device:
         raise DeployableError(f"deployable '{path}' was built for target '{target.name}' "

@@ -27,7 +27,7 @@ from dyncompile.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import tvm
 
-__all__ = ["TARGETS", "TargetKind", "UnknownTargetError", "get_target", "known_targets"]
+__all__ = ["TARGETS", "TargetKind", "UnknownTargetError", "get_target", "known_targets", "check_board_for"]
 
 # name -> module implementing `TargetKind`
 TARGETS: dict[str, str] = {
@@ -93,3 +93,11 @@ def get_target(name: str) -> TargetKind | ModuleType:
     if name not in TARGETS:
         raise UnknownTargetError(f"unknown target '{name}'; known targets: {', '.join(known_targets())}")
     return importlib.import_module(TARGETS[name])
+
+
+def check_board_for(kind: TargetKind | ModuleType, rpc: str) -> None:
+    """ConfigError unless target `kind` runs on boards (it has `remote_vm`), then check that the board at
+    `rpc` ("HOST:PORT") answers (the target's `check_board`: ConfigError or BoardError, one line)."""
+    if not hasattr(kind, "remote_vm"):
+        raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
+    kind.check_board(rpc)
