@@ -49,7 +49,7 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _profile(model: runtime.DeployedModel, name: str, x: np.ndarray, top: int = 8, calls: int = 20) -> dict:
+def _profile(model: runtime.LocalModel, name: str, x: np.ndarray, top: int = 8, calls: int = 20) -> dict:
     """Where one call of `name` spends its time: per kernel (VM call instructions timed with an instrument),
     and the rest (VM interpretation, allocation) as the wall time minus the kernels' sum."""
     import tvm

@@ -28,10 +28,14 @@ os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 import torch  # noqa: E402
 
 from dyncompile import runtime  # noqa: E402
-from dyncompile.build import build, import_subnet, prepare, tune, uniform_subnets  # noqa: E402
+from dyncompile.build import build, uniform_subnets  # noqa: E402
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
-from dyncompile.targets import cpu, get_target  # noqa: E402
+from dyncompile.targets import get_target  # noqa: E402
+from dyncompile.targets.llvm_common import build_candidate  # noqa: E402
+from dyncompile.targets.pipeline import prepare  # noqa: E402
+from dyncompile.targets.relax_import import import_subnet  # noqa: E402
+from dyncompile.targets.tuning import tune  # noqa: E402
 from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
 
 
@@ -39,7 +43,7 @@ def stock_builder():
     """What `cpu.tuning_builder` was before the pooled builder: TVM's LocalBuilder, same build function."""
     from tvm.s_tir import meta_schedule as ms
 
-    return ms.builder.LocalBuilder(timeout_sec=120.0, f_build=cpu._build_candidate,
+    return ms.builder.LocalBuilder(timeout_sec=120.0, f_build=build_candidate,
                                    max_workers=max(1, os.cpu_count() or 1))
 
 

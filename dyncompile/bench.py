@@ -22,11 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from dyncompile.deployable import LIBRARY, DeployableError, read_manifest
+from dyncompile import runtime
+from dyncompile.deployable import DeployableError, Manifest, read_manifest
 from dyncompile.errors import ConfigError
+from dyncompile.passes.extract import extract_subnet
+from dyncompile.subnet_choice import subnets_from_workspace, workspace_facts
+from dyncompile.workspace import load_workspace
 
 __all__ = ["ENGINES", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
-           "workspace_facts", "remote_run", "bench_deployable"]
+           "bench_deployable"]
 
 ENGINES = ("onnxruntime", "torch")  # what --compare accepts
 
@@ -112,62 +116,22 @@ def onnx_runner(module: Any, x: np.ndarray, *, threads: int | None = None) -> Ca
     return lambda: session.run(None, {"x": x})
 
 
-def workspace_facts(workspace: str | Path) -> dict:
-    """What a deployable records about the workspace it was built from (to find it, and to notice a change)."""
-    from dyncompile.fileio import sha256_file
-    from dyncompile.workspace import SPEC_FILE
-
-    workspace = Path(workspace)
-    return {"workspace": str(workspace.resolve()), "workspace_sha256": sha256_file(workspace / SPEC_FILE)}
-
-
-def reference_modules(manifest: dict, workspace: str | Path | None = None) -> dict[str, Any]:
+def reference_modules(manifest: Manifest, workspace: str | Path | None = None) -> dict[str, Any]:
     """The PyTorch sub-nets a deployable was built from, extracted from its workspace (eval mode)."""
-    from dyncompile.build import subnets_from_workspace
-    from dyncompile.passes.extract import extract_subnet
-    from dyncompile.workspace import load_workspace
-
-    recorded = manifest.get("model", {})
+    recorded = manifest.model
     workspace = Path(workspace or recorded.get("workspace") or "dyncompile-workspace")
     ws = load_workspace(workspace)
     if recorded.get("workspace_sha256") and workspace_facts(workspace)["workspace_sha256"] != recorded["workspace_sha256"]:
         raise DeployableError(f"the workspace '{workspace}' changed since this deployable was built (another "
                               f"convert); rebuild it, or give the workspace it was built from (--workspace)")
     graphs: Callable[[str], Any] = lambda name: ws.dg  # noqa: E731
-    if manifest.get("search"):
+    if manifest.search:
         source = subnets_from_workspace(workspace, ws.dg)
-        if not source.search or source.search["result_sha256"] != manifest["search"].get("result_sha256"):
+        if not source.search or source.search["result_sha256"] != manifest.search.get("result_sha256"):
             raise DeployableError(f"the search result in '{workspace}' is not the one this deployable was built "
                                   f"from; rebuild it with `dyncompile build`")
         graphs = source.reference_graph
-    return {s["name"]: extract_subnet(graphs(s["name"]), s["config"]).eval() for s in manifest["subnets"]}
-
-
-def remote_run(path: str | Path, manifest: dict, x: np.ndarray, rpc: str, names: Sequence[str], *,
-               repeats: int = 0) -> dict[str, tuple[float | None, np.ndarray]]:
-    """Run sub-nets `names` of the deployable at `path` on the board at `rpc` (targets with `remote_vm`):
-    per name (median ms over `repeats` timed calls, or None with repeats=0; the output on `x`)."""
-    from dyncompile.runtime import read_weights, subnet_inputs
-    from dyncompile.targets import get_target
-
-    path = Path(path)
-    kind = get_target(manifest["target"]["name"])
-    if not hasattr(kind, "remote_vm"):
-        raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
-    full = read_weights(path, manifest)
-    records = {s["name"]: s for s in manifest["subnets"]}
-    results = {}
-    with kind.remote_vm(path / LIBRARY, rpc=rpc) as vm:
-        for name in names:
-            s = records[name]
-            raw = subnet_inputs(s, full)
-            weights = vm.run(s["transform_function"], [raw]) if s.get("transform_function") else raw
-            y = vm.run(s["function"], [x, *weights])[0]
-            ms = None
-            if repeats:
-                ms = statistics.median(vm.time(s["function"], [x, *weights], number=1, repeat=repeats)) * 1e3
-            results[name] = (ms, y)
-    return results
+    return {s.name: extract_subnet(graphs(s.name), s.config).eval() for s in manifest.subnets}
 
 
 def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, rpc: str | None = None,
@@ -180,8 +144,6 @@ def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, r
     """
     import torch
 
-    from dyncompile import runtime
-
     path = Path(path)
     unknown = [e for e in compare if e not in ENGINES]
     if unknown:
@@ -192,35 +154,28 @@ def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, r
         raise ConfigError("--compare runs the other engines on this machine; it cannot be combined with --rpc")
     manifest = read_manifest(path)
     modules = reference_modules(manifest, workspace)
-    x = np.random.default_rng(seed).standard_normal(manifest["input"]["shape"]).astype(manifest["input"]["dtype"])
-    batch = int(manifest["input"]["batch_size"])
+    x = np.random.default_rng(seed).standard_normal(manifest.input.shape).astype(manifest.input.dtype)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(_threads())  # the same cores for every engine
     rows = []
     try:
-        if rpc:
-            measured = remote_run(path, manifest, x, rpc, [s["name"] for s in manifest["subnets"]], repeats=repeats)
-        else:
-            model = runtime.load(path, device=manifest["target"]["device"])
-        for s in manifest["subnets"]:
-            name = s["name"]
-            if progress:
-                progress(name)
-            with torch.no_grad():
-                expected = modules[name](torch.from_numpy(x)).numpy()
-            if rpc:
-                tvm_ms, y = measured[name]
-                compare_ms = {}
-            else:
-                calls = {"tvm": model.prepared(name, x)}
-                y = model.run(x, subnet=name)
-                for engine in compare:
-                    calls[engine] = (onnx_runner if engine == "onnxruntime" else torch_runner)(modules[name], x)
-                medians = interleaved_medians(calls, repeats=repeats, warmup=warmup)
-                tvm_ms = medians.pop("tvm")
-                compare_ms = medians
-            rows.append(SubnetBench(name, int(s["macs"]), batch, tvm_ms, float(np.abs(y - expected).max()),
-                                    compare_ms))
+        with runtime.load(path, device=manifest.target.device, rpc=rpc) as model:
+            for s in manifest.subnets:
+                if progress:
+                    progress(s.name)
+                with torch.no_grad():
+                    expected = modules[s.name](torch.from_numpy(x)).numpy()
+                y = model.run(x, subnet=s.name)
+                if rpc:  # measured on the board by its own timer
+                    tvm_ms, compare_ms = model.latency_ms(s.name, repeat=repeats), {}
+                else:
+                    calls = {"tvm": model.prepared(s.name, x)}
+                    for engine in compare:
+                        calls[engine] = (onnx_runner if engine == "onnxruntime" else torch_runner)(modules[s.name], x)
+                    compare_ms = interleaved_medians(calls, repeats=repeats, warmup=warmup)
+                    tvm_ms = compare_ms.pop("tvm")
+                rows.append(SubnetBench(s.name, s.macs, manifest.input.batch_size, tvm_ms,
+                                        float(np.abs(y - expected).max()), compare_ms))
     finally:
         torch.set_num_threads(threads_before)
     return rows

@@ -21,6 +21,7 @@ and holds the SHA-256 of every other file, so a half-written, tampered or mixed-
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import faulthandler
@@ -33,15 +34,18 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import dyncompile
 from dyncompile.errors import DyncompileError
 from dyncompile.fileio import check_checksums, fsync_path, sha256_file, write_atomic, write_errors
+from dyncompile.targets import get_target
 
-__all__ = ["DeployableError", "ParamSlice", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
-           "write_deployable", "read_manifest", "record_latencies"]
+__all__ = ["DeployableError", "ParamSlice", "DeployedSubnet", "TargetFacts", "InputSpec", "TensorSpec", "WeightsFile",
+           "TuningSummary", "Manifest", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
+           "own_tensor_key", "write_deployable", "read_manifest", "record_latencies"]
 
 FORMAT_VERSION = 1
 KIND = "dyncompile-deployable"
@@ -85,6 +89,179 @@ class ParamSlice:
         return np.ascontiguousarray(out)
 
 
+def own_tensor_key(subnet: str, source: str) -> str:
+    """The deployable's name for sub-net `subnet`'s own copy of tensor `source` (e.g. its BN running_mean)."""
+    return f"@{subnet}/{source}"
+
+
+# ── the manifest, typed: one record per thing it describes; `to_json` writes the on-disk format unchanged ──
+
+@dataclass(frozen=True)
+class DeployedSubnet:
+    """One sub-net of a deployable: its functions in the library, its size, what is measured, its weight recipe."""
+
+    name: str
+    function: str  # the library's Relax function that runs it
+    transform_function: str | None  # run once at load on its cut weights (BN scale/shift); None: none needed
+    config: dict[str, int]
+    macs: int  # per image
+    params: int
+    latency_ms: float | None  # measured on the target (None until a bench records it)
+    accuracy: float | None  # from search (None until search records it)
+    kernels: int
+    tuned_kernels: int
+    embedded_bytes: int
+    output_shape: tuple[int, ...]
+    output_dtype: str
+    parameters: tuple[ParamSlice, ...]  # the inputs of `transform_function` (or of `function`), in order
+
+    @classmethod
+    def from_build(cls, s: Any, accuracy: float | None) -> DeployedSubnet:
+        """From a `SubnetBuild` (what the build learned about the sub-net)."""
+        return cls(s.name, s.function, s.transform_function, dict(s.config), s.macs, s.params, None, accuracy,
+                   s.kernels, s.tuned_kernels, s.embedded_bytes, tuple(s.output_shape), s.output_dtype,
+                   tuple(s.parameters))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "function": self.function, "transform_function": self.transform_function,
+                "config": self.config, "macs": self.macs, "params": self.params, "latency_ms": self.latency_ms,
+                "accuracy": self.accuracy, "kernels": self.kernels, "tuned_kernels": self.tuned_kernels,
+                "embedded_bytes": self.embedded_bytes,
+                "output": {"shape": list(self.output_shape), "dtype": self.output_dtype},
+                "parameters": [p.to_json() for p in self.parameters]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> DeployedSubnet:
+        return cls(d["name"], d["function"], d.get("transform_function"), dict(d["config"]), int(d["macs"]),
+                   int(d["params"]), d.get("latency_ms"), d.get("accuracy"), int(d.get("kernels", 0)),
+                   int(d.get("tuned_kernels", 0)), int(d.get("embedded_bytes", 0)),
+                   tuple(d["output"]["shape"]), d["output"]["dtype"],
+                   tuple(ParamSlice.from_json(p) for p in d["parameters"]))
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """The target a deployable was compiled for: its registry name, runtime device, and the target module's
+    `describe` facts (mcpu, ISA features, CUDA arch …) that its `check_runnable` reads."""
+
+    name: str
+    device: str
+    facts: dict[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """One of the target module's facts (they differ per target, so they stay a mapping)."""
+        return self.facts.get(key, default)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "device": self.device, **self.facts}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TargetFacts:
+        facts = {k: v for k, v in d.items() if k not in ("name", "device")}
+        return cls(str(d.get("name", "?")), str(d.get("device", "?")), facts)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The one input every sub-net takes; the batch size is fixed at build time."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    batch_size: int
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "batch_size": self.batch_size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> InputSpec:
+        return cls(tuple(d["shape"]), d["dtype"], int(d["batch_size"]))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """weights.npz: the full model's tensors once, plus sub-nets' own (`own_tensor_key` names)."""
+
+    file: str
+    bytes: int
+    tensors: dict[str, TensorSpec]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "bytes": self.bytes,
+                "tensors": {k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in self.tensors.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> WeightsFile:
+        return cls(d.get("file", WEIGHTS), int(d.get("bytes", 0)),
+                   {k: TensorSpec(tuple(t["shape"]), t["dtype"]) for k, t in d["tensors"].items()})
+
+
+@dataclass(frozen=True)
+class TuningSummary:
+    """How the library's kernels were tuned (None in the manifest for an untuned build)."""
+
+    trials_per_task: int
+    kernels: int  # distinct kernels over all sub-nets
+    tuned_now: int
+    reused: int
+    time_budget_s: float | None
+    left_for_time: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TuningSummary:
+        return cls(d["trials_per_task"], d["kernels"], d["tuned_now"], d["reused"], d.get("time_budget_s"),
+                   d.get("left_for_time", 0))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of a deployable (see the module docstring); `read_manifest` gives one, checked."""
+
+    created: str
+    versions: dict[str, str]  # dyncompile, tvm, torch, numpy
+    target: TargetFacts
+    model: dict[str, Any]  # facts about the source model as the builder gave them (workspace, its SHA-256 …)
+    input: InputSpec
+    library: str
+    weights: WeightsFile
+    tuning: TuningSummary | None
+    latency: dict[str, Any] | None  # how `latency_ms` was measured (where, statistic, repeats …), once recorded
+    search: dict[str, Any] | None  # the search result the sub-nets come from {"method", "result_sha256", …}
+    subnets: tuple[DeployedSubnet, ...]  # most MACs first
+    files: dict[str, str]  # file → SHA-256
+
+    def subnet(self, name: str) -> DeployedSubnet:
+        """The sub-net called `name`; DeployableError naming the others if there is none."""
+        for s in self.subnets:
+            if s.name == name:
+                return s
+        raise DeployableError(f"no sub-net '{name}'; sub-nets: {', '.join(s.name for s in self.subnets)}")
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT_VERSION, "kind": KIND, "created": self.created, "versions": self.versions,
+                "target": self.target.to_json(), "model": self.model, "input": self.input.to_json(),
+                "library": self.library, "weights": self.weights.to_json(),
+                "tuning": None if self.tuning is None else self.tuning.to_json(), "latency": self.latency,
+                "search": self.search, "subnets": [s.to_json() for s in self.subnets], "files": self.files}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        return cls(d.get("created", ""), dict(d.get("versions") or {}), TargetFacts.from_json(d.get("target") or {}),
+                   dict(d.get("model") or {}), InputSpec.from_json(d["input"]), d.get("library", LIBRARY),
+                   WeightsFile.from_json(d["weights"]),
+                   None if d.get("tuning") is None else TuningSummary.from_json(d["tuning"]), d.get("latency"),
+                   d.get("search"), tuple(DeployedSubnet.from_json(s) for s in d.get("subnets", [])),
+                   dict(d.get("files") or {}))
+
+
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.e+-]+|null)(?:,\s*(?:-?[\d.e+-]+|null))*)\s*\]")
 
 
@@ -105,24 +282,6 @@ def _versions() -> dict:
 
     return {"dyncompile": dyncompile.__version__, "tvm": tvm.__version__, "torch": torch.__version__,
             "numpy": np.__version__}
-
-
-def _subnet_record(s, accuracy: float | None) -> dict:
-    return {
-        "name": s.name,
-        "function": s.function,
-        "transform_function": s.transform_function,
-        "config": s.config,
-        "macs": s.macs,
-        "params": s.params,
-        "latency_ms": None,
-        "accuracy": accuracy,
-        "kernels": s.kernels,
-        "tuned_kernels": s.tuned_kernels,
-        "embedded_bytes": s.embedded_bytes,
-        "output": {"shape": list(s.output_shape), "dtype": s.output_dtype},
-        "parameters": [p.to_json() for p in s.parameters],
-    }
 
 
 def _export_in_child(export, executable, path: Path) -> None:
@@ -199,8 +358,6 @@ def write_deployable(out: str | Path, result, dg, *, model: dict | None = None,
 
 def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: dict[str, float] | None,
                       search: dict | None) -> Path:
-    from dyncompile.targets import get_target
-
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
@@ -214,30 +371,26 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             np.savez(f, **full)
         _export_in_child(get_target(result.target_name).export_library, result.executable, staging / LIBRARY)
         files = {name: sha256_file(staging / name) for name in (LIBRARY, WEIGHTS)}
-        manifest = {
-            "format": FORMAT_VERSION,
-            "kind": KIND,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": _versions(),
-            "target": {"name": result.target_name, "device": get_target(result.target_name).device,
-                       **result.target_facts},
-            "model": model or {},
-            "input": {"shape": list(result.input_shape), "dtype": result.input_dtype,
-                      "batch_size": result.batch_size},
-            "library": LIBRARY,
-            "weights": {"file": WEIGHTS, "bytes": int(sum(a.nbytes for a in full.values())),
-                        "tensors": {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in full.items()}},
-            "tuning": None if result.tuning is None else {
-                "trials_per_task": result.tuning.trials_per_task, "kernels": result.tuning.tasks,
-                "tuned_now": result.tuning.tuned, "reused": result.tuning.reused,
-                "time_budget_s": result.tuning.time_budget_s, "left_for_time": result.tuning.left_for_time},
-            "latency": None,  # how latency_ms was measured, once a bench recorded it
-            "search": search,
-            "subnets": sorted((_subnet_record(s, (accuracy or {}).get(s.name)) for s in result.subnets),
-                              key=lambda r: -r["macs"]),
-            "files": files,
-        }
-        (staging / MANIFEST).write_text(_dumps(manifest))
+        tuning = result.tuning
+        manifest = Manifest(
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            versions=_versions(),
+            target=TargetFacts(result.target_name, get_target(result.target_name).device, dict(result.target_facts)),
+            model=model or {},
+            input=InputSpec(tuple(result.input_shape), result.input_dtype, result.batch_size),
+            library=LIBRARY,
+            weights=WeightsFile(WEIGHTS, int(sum(a.nbytes for a in full.values())),
+                                {k: TensorSpec(tuple(a.shape), str(a.dtype)) for k, a in full.items()}),
+            tuning=None if tuning is None else TuningSummary(tuning.trials_per_task, tuning.tasks, tuning.tuned,
+                                                             tuning.reused, tuning.time_budget_s,
+                                                             tuning.left_for_time),
+            latency=None,  # how latency_ms was measured, once a bench recorded it
+            search=search,
+            subnets=tuple(sorted((DeployedSubnet.from_build(s, (accuracy or {}).get(s.name)) for s in result.subnets),
+                                 key=lambda r: -r.macs)),
+            files=files,
+        )
+        (staging / MANIFEST).write_text(_dumps(manifest.to_json()))
         for name in (*files, MANIFEST):
             fsync_path(staging / name)
         fsync_path(staging)
@@ -260,50 +413,57 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
     return out
 
 
-def read_manifest(path: str | Path, *, verify_files: bool = True) -> dict:
+def read_manifest(path: str | Path, *, verify_files: bool = True) -> Manifest:
     """The manifest of the deployable at `path`, after checking its format and every file's SHA-256."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise DeployableError(f"no deployable at '{path}' (no {MANIFEST}); run `dyncompile build` first")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DeployableError(f"'{manifest_path}' is not valid JSON ({exc}); rebuild the deployable") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+    if not isinstance(raw, dict) or raw.get("kind") != KIND:
         raise DeployableError(f"'{manifest_path}' is not a dyncompile deployable manifest")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise DeployableError(f"deployable '{path}' has format {manifest.get('format')}, this dyncompile reads "
+    if raw.get("format") != FORMAT_VERSION:
+        raise DeployableError(f"deployable '{path}' has format {raw.get('format')}, this dyncompile reads "
                               f"{FORMAT_VERSION}; rebuild it with this version")
+    try:
+        manifest = Manifest.from_json(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DeployableError(f"'{manifest_path}' is malformed ({type(exc).__name__}: {exc}); rebuild the "
+                              f"deployable") from None
     if verify_files:
-        check_checksums(path, manifest.get("files", {}), DeployableError,
+        check_checksums(path, manifest.files, DeployableError,
                         missing="deployable file '{file}' is missing; rebuild the deployable",
                         changed="deployable file '{file}' does not match its manifest (SHA-256 mismatch: "
                                 "changed or from another build); rebuild the deployable")
-        missing = {LIBRARY, WEIGHTS} - set(manifest.get("files", {}))
+        missing = {LIBRARY, WEIGHTS} - set(manifest.files)
         if missing:
             raise DeployableError(f"the manifest of '{path}' has no checksum for {sorted(missing)[0]}; rebuild it")
     return manifest
 
 
-def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict | None = None) -> dict:
+def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict | None = None) -> Manifest:
     """Store measured latencies (ms, per sub-net name) in the manifest, atomically; returns the new manifest.
 
     `how`: how they were measured (device, batch, repeats, statistic), recorded once for all of them.
     """
     path = Path(path)
     manifest = read_manifest(path)
-    names = {s["name"] for s in manifest["subnets"]}
+    names = {s.name for s in manifest.subnets}
     unknown = sorted(set(latencies) - names)
     if unknown:
         raise DeployableError(f"no sub-net '{unknown[0]}' in '{path}'; sub-nets: {', '.join(sorted(names))}")
-    for s in manifest["subnets"]:
-        if s["name"] in latencies:
-            value = float(latencies[s["name"]])
+    subnets = []
+    for s in manifest.subnets:
+        if s.name in latencies:
+            value = float(latencies[s.name])
             if not value > 0:
-                raise DeployableError(f"latency of '{s['name']}' must be positive, got {value}")
-            s["latency_ms"] = value
-    manifest["latency"] = how or manifest.get("latency") or {}
+                raise DeployableError(f"latency of '{s.name}' must be positive, got {value}")
+            s = dataclasses.replace(s, latency_ms=value)
+        subnets.append(s)
+    manifest = dataclasses.replace(manifest, subnets=tuple(subnets), latency=how or manifest.latency or {})
     with write_errors(path / MANIFEST, "the deployable is unchanged"):
-        write_atomic(path / MANIFEST, _dumps(manifest).encode("utf-8"))
+        write_atomic(path / MANIFEST, _dumps(manifest.to_json()).encode("utf-8"))
     return manifest

@@ -103,15 +103,14 @@ def _collect_deployables(workspace: Path) -> list[dict]:
         except DyncompileError as exc:
             out.append({"path": str(folder), "target": {"name": folder.name}, "error": str(exc), "subnets": []})
             continue
-        subnets = []
-        for s in manifest.get("subnets", []):
-            # the per-parameter slicing recipes are for the runtime, not for people
-            subnets.append({k: v for k, v in s.items() if k not in ("parameters", "function", "transform_function")})
-        out.append({"path": str(folder), "target": manifest.get("target") or {"name": folder.name},
-                    "created": manifest.get("created"), "versions": manifest.get("versions") or {},
-                    "input": manifest.get("input") or {}, "tuning": manifest.get("tuning"),
-                    "latency": manifest.get("latency"), "weights_bytes": (manifest.get("weights") or {}).get("bytes"),
-                    "search": manifest.get("search"), "subnets": subnets})
+        # the per-parameter slicing recipes are for the runtime, not for people
+        subnets = [{k: v for k, v in s.to_json().items() if k not in ("parameters", "function", "transform_function")}
+                   for s in manifest.subnets]
+        out.append({"path": str(folder), "target": manifest.target.to_json(), "created": manifest.created,
+                    "versions": manifest.versions, "input": manifest.input.to_json(),
+                    "tuning": None if manifest.tuning is None else manifest.tuning.to_json(),
+                    "latency": manifest.latency, "weights_bytes": manifest.weights.bytes,
+                    "search": manifest.search, "subnets": subnets})
     return out
 
 

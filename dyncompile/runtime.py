@@ -1,4 +1,4 @@
-"""Run a deployable: every sub-net ready at once, switched per call with no reload.
+"""Run a deployable: every sub-net ready at once, switched per call with no reload, here or on a board.
 
     import dyncompile.runtime
     model = dyncompile.runtime.load("dyncompile-workspace/deploy/cpu")    # device="cpu"
@@ -6,14 +6,21 @@
     y = model.run(x, subnet="w50")       # x: numpy array or torch tensor; y: the same kind
     y = model.run(x, budget_ms=1.0)      # the most accurate sub-net whose measured latency fits
 
+    with dyncompile.runtime.load("dyncompile-workspace/deploy/arm", rpc="127.0.0.1:9090") as board:
+        y = board.run(x, subnet="w50")   # runs on the board over TVM RPC (targets with `remote_vm`: arm)
+        board.latency_ms("w50")          # timed on the board
+
 `load` checks every file's SHA-256 before it loads the library (loading a library runs its code), refuses a
 deployable built for another device or a CPU this one cannot run, cuts each sub-net's weights out of the
 full ones once, runs each sub-net's `_transform_params` once, and creates one VirtualMachine. Only TVM's
 runtime is used here (no Relax, no torch needed), so this also runs where only the runtime is installed.
+Over RPC the library is uploaded once per session; the board serves one session at a time, so close the
+model (or use `with`) when done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -21,9 +28,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dyncompile.deployable import LIBRARY, WEIGHTS, DeployableError, ParamSlice, read_manifest
+from dyncompile.deployable import LIBRARY, WEIGHTS, DeployableError, DeployedSubnet, Manifest, read_manifest
+from dyncompile.targets import UnknownTargetError, check_board_for, get_target
 
-__all__ = ["DeployedModel", "SubnetInfo", "load", "read_weights", "subnet_inputs"]
+__all__ = ["DeployedModel", "LocalModel", "BoardModel", "SubnetInfo", "load", "read_weights", "subnet_inputs"]
 
 
 class SubnetInfo(NamedTuple):
@@ -44,27 +52,26 @@ def _device(kind: str) -> Any:
 
 
 class DeployedModel:
-    """A loaded deployable: one VirtualMachine, every sub-net's weights ready on the device."""
+    """A deployable opened for running: choosing a sub-net and checking inputs (from the manifest alone).
 
-    def __init__(self, path: Path, manifest: dict, vm: Any, device: Any, weights: dict[str, list]):
+    `LocalModel` runs it on this machine, `BoardModel` on a board over RPC; `load` gives the right one.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
-        self._vm = vm
-        self._device = device
-        self._weights = weights
-        self._records = {s["name"]: s for s in manifest["subnets"]}
-        self.input_shape = tuple(manifest["input"]["shape"])
-        self.input_dtype = manifest["input"]["dtype"]
-        self.target = manifest["target"]["name"]
+        self._records = {s.name: s for s in manifest.subnets}
+        self.input_shape = tuple(manifest.input.shape)
+        self.input_dtype = manifest.input.dtype
+        self.target = manifest.target.name
 
     @property
     def subnets(self) -> list[SubnetInfo]:
-        return [SubnetInfo(s["name"], s["macs"], s["params"], s.get("latency_ms"), s.get("accuracy"))
-                for s in self.manifest["subnets"]]
+        return [SubnetInfo(s.name, s.macs, s.params, s.latency_ms, s.accuracy) for s in self.manifest.subnets]
 
     @property
     def names(self) -> list[str]:
-        return [s["name"] for s in self.manifest["subnets"]]
+        return [s.name for s in self.manifest.subnets]
 
     def select(self, budget_ms: float) -> str:
         """The most accurate sub-net whose recorded latency is ≤ `budget_ms`."""
@@ -90,23 +97,29 @@ class DeployedModel:
             return max(candidates, key=lambda s: (s.accuracy, s.macs)).name
         return max(candidates, key=lambda s: s.macs).name
 
-    def _check_name(self, subnet: str) -> None:
+    def choose(self, subnet: str | None = None, budget_ms: float | None = None) -> str:
+        """The sub-net `run(x, subnet, budget_ms=...)` runs: by name, by budget, or the most accurate."""
+        if subnet is not None and budget_ms is not None:
+            raise DeployableError("give either subnet= or budget_ms=, not both")
+        name = self.select(budget_ms) if budget_ms is not None else (subnet or self.most_accurate())
+        self._check_name(name)
+        return name
+
+    def _check_name(self, subnet: str) -> DeployedSubnet:
         if subnet not in self._records:
             raise DeployableError(f"no sub-net '{subnet}'; sub-nets: {', '.join(self.names)}")
+        return self._records[subnet]
 
-    def _input(self, x: Any) -> Any:
-        import tvm
-
+    def _array(self, x: Any) -> np.ndarray:
+        """`x` as a contiguous numpy array of the deployable's input dtype; DeployableError for another shape."""
         array = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         if tuple(array.shape) != self.input_shape:
             raise DeployableError(f"input shape {tuple(array.shape)} does not match the deployable's "
                                   f"{self.input_shape} (the batch size is fixed at build time)")
-        array = np.ascontiguousarray(array, dtype=self.input_dtype)
-        return tvm.runtime.tensor(array, self._device)
+        return np.ascontiguousarray(array, dtype=self.input_dtype)
 
-    def _call(self, name: str, x: Any) -> Any:
-        out = self._vm[self._records[name]["function"]](x, *self._weights[name])
-        return out[0] if not hasattr(out, "numpy") else out
+    def _random_input(self) -> np.ndarray:
+        return np.random.default_rng(0).standard_normal(self.input_shape).astype(self.input_dtype)
 
     def run(self, x: Any, subnet: str | None = None, *, budget_ms: float | None = None) -> Any:
         """Run sub-net `subnet` (or the one `select(budget_ms)` picks; neither: the most accurate) on `x`.
@@ -114,19 +127,51 @@ class DeployedModel:
         `x` must have the deployable's input shape; a torch tensor gives a torch tensor back, anything else
         a numpy array.
         """
-        if subnet is not None and budget_ms is not None:
-            raise DeployableError("give either subnet= or budget_ms=, not both")
-        if budget_ms is not None:
-            subnet = self.select(budget_ms)
-        elif subnet is None:
-            subnet = self._most_accurate(self.subnets)
-        self._check_name(subnet)
-        y = self._call(subnet, self._input(x)).numpy()
+        name = self.choose(subnet, budget_ms)
+        y = self._execute(name, self._array(x))
         if hasattr(x, "detach"):
             import torch
 
             return torch.from_numpy(y)
         return y
+
+    def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
+        """Median time (ms) of one call of `subnet` on a random input, where the model runs."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the model holds open (a board's RPC session); a local model holds nothing."""
+
+    def __enter__(self) -> DeployedModel:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class LocalModel(DeployedModel):
+    """A deployable loaded on this machine: one VirtualMachine, every sub-net's weights ready on the device."""
+
+    def __init__(self, path: Path, manifest: Manifest, vm: Any, device: Any, weights: dict[str, list]):
+        super().__init__(path, manifest)
+        self._vm = vm
+        self._device = device
+        self._weights = weights
+
+    def _input(self, x: Any) -> Any:
+        import tvm
+
+        return tvm.runtime.tensor(self._array(x), self._device)
+
+    def _call(self, name: str, x: Any) -> Any:
+        out = self._vm[self._records[name].function](x, *self._weights[name])
+        return out[0] if not hasattr(out, "numpy") else out
+
+    def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
+        return self._call(name, self._input(x)).numpy()
 
     def prepared(self, subnet: str, x: Any) -> Any:
         """A zero-argument function that runs `subnet` on `x` (copied to the device once) and waits for it:
@@ -143,40 +188,90 @@ class DeployedModel:
 
     def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
         """Median wall time (ms) of one call of `subnet` on a random input already on the device."""
-        self._check_name(subnet)
-        x = self._input(np.random.default_rng(0).standard_normal(self.input_shape).astype(self.input_dtype))
+        call = self.prepared(subnet, self._random_input())
         for _ in range(warmup):
-            self._call(subnet, x)
+            call()
         times = []
         for _ in range(repeat):
             start = time.perf_counter()
-            self._call(subnet, x)
-            self._device.sync()
+            call()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
 
-def load(path: str | Path, device: str = "cpu") -> DeployedModel:
-    """Open the deployable at `path` for `device` (see the module docstring); DeployableError if it cannot."""
-    import tvm
+class BoardModel(DeployedModel):
+    """A deployable run on a board over TVM RPC: the library is uploaded when first needed, each sub-net's
+    weights are cut here and transformed on the board once, and `close` ends the session."""
 
-    from dyncompile.targets import UnknownTargetError, get_target
+    def __init__(self, path: Path, manifest: Manifest, kind: Any, rpc: str):
+        super().__init__(path, manifest)
+        self.rpc = rpc
+        self._kind = kind
+        self._full = read_weights(path, manifest)
+        self._session = contextlib.ExitStack()
+        self._vm: Any = None
+        self._weights: dict[str, list] = {}
+
+    def _board(self) -> Any:
+        if self._vm is None:
+            self._vm = self._session.enter_context(self._kind.remote_vm(self.path / LIBRARY, rpc=self.rpc))
+        return self._vm
+
+    def _arguments(self, name: str, x: np.ndarray) -> list:
+        vm, s = self._board(), self._records[name]
+        if name not in self._weights:
+            raw = subnet_inputs(s, self._full)
+            self._weights[name] = vm.run(s.transform_function, [raw]) if s.transform_function else raw
+        return [x, *self._weights[name]]
+
+    def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
+        return self._board().run(self._records[name].function, self._arguments(name, x))[0]
+
+    def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
+        """Median time (ms) of one call of `subnet` measured on the board (its own timer; one warm-up call)."""
+        self._check_name(subnet)
+        args = self._arguments(subnet, self._random_input())
+        seconds = self._board().time(self._records[subnet].function, args, number=1, repeat=repeat)
+        return statistics.median(seconds) * 1e3
+
+    def close(self) -> None:
+        self._vm = None
+        self._weights = {}
+        self._session.close()
+
+
+def _check_target(path: Path, manifest: Manifest) -> Any:
+    """The target module the deployable was built for; DeployableError if this dyncompile does not know it."""
+    try:
+        return get_target(manifest.target.name)
+    except UnknownTargetError:
+        raise DeployableError(f"deployable '{path}' was built for target '{manifest.target.name}', which this "
+                              f"dyncompile does not know") from None
+
+
+def load(path: str | Path, device: str = "cpu", rpc: str | None = None) -> DeployedModel:
+    """Open the deployable at `path` for `device` (see the module docstring); DeployableError if it cannot.
+
+    `rpc`: "HOST:PORT" of a board's TVM RPC server (targets that run on boards, e.g. arm): the model's `run`
+    and `latency_ms` then execute there, and `device` is not used.
+    """
+    import tvm
 
     path = Path(path)
     manifest = read_manifest(path)  # every SHA-256 checked before anything is loaded
-    target = manifest["target"]
-    if target.get("device") != device:
-        raise DeployableError(f"deployable '{path}' was built for target '{target.get('name')}' "
-                              f"(device {target.get('device')}), not for device '{device}'; build it with "
+    target = manifest.target
+    kind = _check_target(path, manifest)
+    if rpc is not None:
+        check_board_for(kind, rpc)
+        return BoardModel(path, manifest, kind, rpc)
+    if target.device != device:
+        raise DeployableError(f"deployable '{path}' was built for target '{target.name}' "
+                              f"(device {target.device}), not for device '{device}'; build it with "
                               f"--target for this device")
-    try:
-        why_not = get_target(target["name"]).check_runnable(target)
-    except UnknownTargetError:
-        raise DeployableError(f"deployable '{path}' was built for target '{target['name']}', which this "
-                              f"dyncompile does not know") from None
+    why_not = kind.check_runnable(target.to_json())
     if why_not:
         raise DeployableError(f"deployable '{path}' cannot run here: {why_not}; rebuild it on this machine")
-    built_with = str(manifest.get("versions", {}).get("tvm", "?"))
+    built_with = str(manifest.versions.get("tvm", "?"))
     if built_with.split(".")[:2] != tvm.__version__.split(".")[:2]:  # the VM's bytecode is not a stable format
         raise DeployableError(f"deployable '{path}' was compiled with TVM {built_with} and this runtime is TVM "
                               f"{tvm.__version__}; rebuild it with this version")
@@ -184,13 +279,13 @@ def load(path: str | Path, device: str = "cpu") -> DeployedModel:
     full = read_weights(path, manifest)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIBRARY)), dev)
     weights = {}
-    for s in manifest["subnets"]:
+    for s in manifest.subnets:
         raw = [tvm.runtime.tensor(a, dev) for a in subnet_inputs(s, full)]
-        weights[s["name"]] = list(vm[s["transform_function"]](raw)) if s.get("transform_function") else raw
-    return DeployedModel(path, manifest, vm, dev, weights)
+        weights[s.name] = list(vm[s.transform_function](raw)) if s.transform_function else raw
+    return LocalModel(path, manifest, vm, dev, weights)
 
 
-def read_weights(path: str | Path, manifest: dict) -> dict[str, np.ndarray]:
+def read_weights(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """The tensors of the deployable's weights.npz (full model, plus sub-nets' own), checked against `manifest`."""
     path = Path(path)
     try:
@@ -199,20 +294,20 @@ def read_weights(path: str | Path, manifest: dict) -> dict[str, np.ndarray]:
     except Exception as exc:  # noqa: BLE001 -- zipfile/numpy raise many kinds
         raise DeployableError(f"cannot read '{path / WEIGHTS}' ({type(exc).__name__}); rebuild the deployable") \
             from None
-    for name, spec in manifest["weights"]["tensors"].items():
-        if name not in full or list(full[name].shape) != spec["shape"] or str(full[name].dtype) != spec["dtype"]:
+    for name, spec in manifest.weights.tensors.items():
+        if name not in full or tuple(full[name].shape) != spec.shape or str(full[name].dtype) != spec.dtype:
             raise DeployableError(f"'{path / WEIGHTS}' does not hold tensor '{name}' as the manifest describes")
     return full
 
 
-def subnet_inputs(record: dict, full: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Sub-net `record`'s (a manifest entry) weights, cut from `full` by its recipe, in its function's order."""
+def subnet_inputs(record: DeployedSubnet, full: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Sub-net `record`'s weights, cut from `full` by its recipe, in its function's order."""
     raw = []
-    for p in map(ParamSlice.from_json, record["parameters"]):
+    for p in record.parameters:
         if p.source not in full:
-            raise DeployableError(f"sub-net '{record['name']}' needs '{p.source}', which '{WEIGHTS}' lacks")
+            raise DeployableError(f"sub-net '{record.name}' needs '{p.source}', which '{WEIGHTS}' lacks")
         cut = p.cut(full[p.source])
         if tuple(cut.shape) != p.shape:
-            raise DeployableError(f"sub-net '{record['name']}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
+            raise DeployableError(f"sub-net '{record.name}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
         raw.append(cut)
     return raw

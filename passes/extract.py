@@ -359,14 +359,17 @@ def index_probe(weights: nn.Module) -> tuple[nn.Module, dict[str, tuple[int, ...
 
 
 def extract_with_indices(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule | None = None,
-                         probe: tuple[nn.Module, dict] | None = None
-                         ) -> tuple[fx.GraphModule, dict[str, tuple[torch.Tensor | None, ...]]]:
+                         probe: tuple[nn.Module, dict] | None = None, *, allow_non_slices: bool = False
+                         ) -> tuple[fx.GraphModule, dict[str, tuple[torch.Tensor | None, ...] | None]]:
     """`extract_subnet` plus how it cut each floating tensor: state-dict name → kept indices per dim (None: all).
 
     The cut is found by extracting from an `index_probe` of the weights (pass one in to reuse it) and reading
     the indices back, so it can never disagree with `extract_subnet`; each is checked to be an outer-product
     cut. The returned module then gets the real values. This lets training run a sub-net on *slices* of the
     shared full weights (gradients flow back) and lets a deployable store the full weights once.
+
+    `allow_non_slices`: a tensor that is not an outer-product cut (e.g. a grouped conv's weight slimmed by
+    position) gets the recipe None, and its gathered values, instead of raising ExtractionError.
     """
     source = weights if weights is not None else dg.gm
     probe_module, shapes = probe if probe is not None else index_probe(source)
@@ -392,9 +395,11 @@ def extract_with_indices(dg: DynGraph, config: SubnetConfig, weights: fx.GraphMo
             if idx is not None:
                 cut = cut.index_select(d, idx)
                 real = real.index_select(d, idx)
-        if not torch.equal(cut, got):
+        if not torch.equal(cut, got) and allow_non_slices:
+            index, real = None, full_state[name].detach().reshape(-1)[got.reshape(-1)].reshape(got.shape)
+        elif not torch.equal(cut, got):
             raise ExtractionError(f"'{name}' is not an outer-product slice of the full tensor")
-        recipes[name] = tuple(index)
+        recipes[name] = None if index is None else tuple(index)
         owner_name, _, leaf = name.rpartition(".")
         owner = sub.get_submodule(owner_name) if owner_name else sub
         if leaf in owner._parameters:

@@ -6,6 +6,14 @@
 and call its functions. A new target is one new module plus one line in `TARGETS`. Targets that run on a
 separate board (arm) also provide `check_board(rpc)` and `remote_vm(...)`, which `--rpc` uses. Target
 modules import TVM only inside their functions, so listing or looking up targets stays fast.
+
+Beside the target modules, the compile steps every target goes through:
+
+    relax_import.py   one sub-net → a Relax function + the recipe that cuts its weights from the full ones
+    pipeline.py       the prepare pass list, applying tuning records, the target's schedules and lowering
+    tuning.py         MetaSchedule tuning, one database and ledger per target, resumable
+    llvm_common.py    what the LLVM targets share (ISA features for check_runnable, the candidate builder)
+    pooled_builder.py the MetaSchedule builder with long-lived workers
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from dyncompile.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import tvm
 
-__all__ = ["TARGETS", "TargetKind", "UnknownTargetError", "get_target", "known_targets"]
+__all__ = ["TARGETS", "TargetKind", "UnknownTargetError", "get_target", "known_targets", "check_board_for"]
 
 # name -> module implementing `TargetKind`
 TARGETS: dict[str, str] = {
@@ -85,3 +93,11 @@ def get_target(name: str) -> TargetKind | ModuleType:
     if name not in TARGETS:
         raise UnknownTargetError(f"unknown target '{name}'; known targets: {', '.join(known_targets())}")
     return importlib.import_module(TARGETS[name])
+
+
+def check_board_for(kind: TargetKind | ModuleType, rpc: str) -> None:
+    """ConfigError unless target `kind` runs on boards (it has `remote_vm`), then check that the board at
+    `rpc` ("HOST:PORT") answers (the target's `check_board`: ConfigError or BoardError, one line)."""
+    if not hasattr(kind, "remote_vm"):
+        raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
+    kind.check_board(rpc)

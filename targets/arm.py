@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from dyncompile.errors import ConfigError, DyncompileError
+from dyncompile.targets import cpu
+from dyncompile.targets.llvm_common import build_candidate, isa_features
 
 __all__ = ["name", "device", "description", "MTRIPLE", "DEFAULT_MCPU", "BOARD_HINT", "BoardError",
            "tvm_target", "describe", "check_toolchain", "cross_compiler", "schedule_passes", "lower_passes",
@@ -81,15 +83,13 @@ def tvm_target(*, mcpu: str = DEFAULT_MCPU, num_cores: int = DEFAULT_NUM_CORES,
 
 
 def describe(target: Any) -> dict:
-    from dyncompile.targets import cpu
-
     return {
         "tvm_target": str(target),
         "mtriple": str(target.attrs["mtriple"]),
         "mcpu": str(target.attrs["mcpu"]),
         "mattr": [str(f) for f in target.attrs.get("mattr", [])],
         "num_cores": int(target.attrs["num-cores"]),
-        "isa_features": cpu._isa_features(target),  # the same feature filter as `cpu`, for check_runnable
+        "isa_features": isa_features(target),  # the same feature filter as `cpu`, for check_runnable
         "cross_cc": _cross_cc(),
     }
 
@@ -129,8 +129,6 @@ def schedule_passes(target: Any) -> list:
 
 
 def lower_passes(target: Any) -> list:
-    from dyncompile.targets import cpu
-
     return cpu.lower_passes(target)  # LLVM for another triple: the same Relax lowering
 
 
@@ -139,8 +137,6 @@ def export_library(executable: Any, path: str) -> None:
 
 
 def check_runnable(recorded: dict) -> str | None:
-    from dyncompile.targets import cpu
-
     why = cpu.check_runnable(recorded)
     if why and "built for aarch64" in why:
         return f"{why}; run it on the board over RPC (--rpc HOST:PORT; no board yet? {BOARD_HINT})"
@@ -162,11 +158,10 @@ def _export_candidate(mod: Any) -> str:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from dyncompile.targets import cpu
     from dyncompile.targets.pooled_builder import pooled_builder
 
     check_toolchain()
-    return pooled_builder(timeout_s, f_build=cpu._build_candidate, f_export=_export_candidate)
+    return pooled_builder(timeout_s, f_build=build_candidate, f_export=_export_candidate)
 
 
 def _create_session(config: Any) -> Any:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import sys
 from typing import Any
 
 from dyncompile.errors import ConfigError
+from dyncompile.targets.llvm_common import build_candidate, isa_features
 
 __all__ = ["name", "device", "description", "tvm_target", "describe", "check_toolchain", "schedule_passes",
            "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library", "check_runnable"]
@@ -21,12 +21,6 @@ __all__ = ["name", "device", "description", "tvm_target", "describe", "check_too
 name = "cpu"
 device = "cpu"
 description = "LLVM for this machine's CPU (detected mcpu, all cores)"
-
-# LLVM features that are instructions (not tuning hints such as "fast-lzcnt" or "slow-3ops-lea"): code built
-# with one of these enabled cannot run on a CPU that lacks it.
-_ISA_FEATURE = re.compile(r"^(sse|ssse|avx|fma|f16c|bmi|amx|vpclmul|vaes|gfni|popcnt|lzcnt|movbe|adx|sha|aes|"
-                          r"pclmul|neon|sve|fp-armv8|dotprod|fullfp16|i8mm|bf16|crypto|lse|rcpc)")
-
 
 def _host_triple() -> str:
     import tvm
@@ -47,19 +41,13 @@ def tvm_target(*, mcpu: str | None = None, num_cores: int | None = None) -> Any:
     return tvm.target.Target({"kind": "llvm", "mtriple": _host_triple(), "mcpu": mcpu, "num-cores": int(cores)})
 
 
-def _isa_features(target: Any) -> list[str]:
-    import tvm
-
-    return sorted(f for f in tvm.target.codegen.llvm_get_cpu_features(target) if _ISA_FEATURE.match(f))
-
-
 def describe(target: Any) -> dict:
     return {
         "tvm_target": str(target),
         "mtriple": str(target.attrs["mtriple"]),
         "mcpu": str(target.attrs["mcpu"]),
         "num_cores": int(target.attrs["num-cores"]),
-        "isa_features": _isa_features(target),
+        "isa_features": isa_features(target),
     }
 
 
@@ -84,15 +72,6 @@ def lower_passes(target: Any) -> list:
     return cpu_pipeline.dataflow_lower_passes(target) + cpu_pipeline.finalize_passes(target)
 
 
-def _build_candidate(mod: Any, target: Any, _params: Any) -> Any:
-    """MetaSchedule's default build without `import tvm.s_tir.tensor_intrin` (about 23 s in every worker)."""
-    from tvm.driver import build as tvm_build
-    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
-
-    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
-
-
 def tensor_intrinsics() -> list[str]:
     """Modules of `tvm.s_tir.tensor_intrin` tuning for this CPU needs (the package imports every vendor's)."""
     return ["arm_cpu"] if _host_triple().startswith(("aarch64", "arm64")) else ["x86"]
@@ -103,7 +82,7 @@ def tuning_builder(timeout_s: float = 120.0) -> Any:
 
     # A worker's first build imports TVM: the stock 30 s timeout failed every candidate as "Build errors" on a
     # busy 2-core machine.
-    return pooled_builder(timeout_s, f_build=_build_candidate)
+    return pooled_builder(timeout_s, f_build=build_candidate)
 
 
 def tuning_runner(rpc: str | None = None) -> Any:
@@ -128,7 +107,7 @@ def check_runnable(recorded: dict) -> str | None:
         host_arch, built_arch = _host_triple().split("-")[0], recorded["mtriple"].split("-")[0]
         if host_arch != built_arch:
             return f"it was built for {built_arch} and this machine is {host_arch}"
-        missing = sorted(set(recorded.get("isa_features", [])) - set(_isa_features(here)))
+        missing = sorted(set(recorded.get("isa_features", [])) - set(isa_features(here)))
     except (ImportError, AttributeError):  # a runtime-only TVM cannot ask LLVM: trust the build
         return None
     if missing:

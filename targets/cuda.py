@@ -27,6 +27,8 @@ import shutil
 from typing import Any
 
 from dyncompile.errors import ConfigError
+from dyncompile.targets import cpu
+from dyncompile.targets.llvm_common import isa_features
 
 __all__ = ["name", "device", "description", "DEFAULT_ARCH", "tvm_target", "describe", "check_toolchain",
            "schedule_passes", "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner",
@@ -45,8 +47,6 @@ def tvm_target(*, arch: str = DEFAULT_ARCH) -> Any:
     this machine's CPU."""
     import tvm
 
-    from dyncompile.targets import cpu
-
     if not _ARCH.match(arch or ""):
         raise ConfigError(f"--arch wants a CUDA architecture like sm_80 or sm_90, got '{arch}'")
     host = cpu.tvm_target(num_cores=1)
@@ -60,8 +60,6 @@ def _compute_capability(arch: str) -> tuple[int, int]:
 
 
 def describe(target: Any) -> dict:
-    from dyncompile.targets import cpu
-
     host = target.host
     return {
         "tvm_target": str(target),
@@ -70,7 +68,7 @@ def describe(target: Any) -> dict:
         "host_mtriple": str(host.attrs["mtriple"]),
         "host_mcpu": str(host.attrs["mcpu"]),
         # the host part (the VM's glue) is LLVM code for this CPU: `check_runnable` compares like `cpu` does
-        "isa_features": cpu._isa_features(host),
+        "isa_features": isa_features(host),
         "cuda_compiler": _compiler(),
         "device_code": "binary" if _runtime_loaded() else "source",
     }
@@ -156,8 +154,6 @@ def export_library(executable: Any, path: str) -> None:
 
 def check_runnable(recorded: dict) -> str | None:
     import tvm
-
-    from dyncompile.targets import cpu
 
     host_why = cpu.check_runnable({"mtriple": recorded.get("host_mtriple", ""), "mcpu": recorded.get("host_mcpu"),
                                    "isa_features": recorded.get("isa_features", [])})

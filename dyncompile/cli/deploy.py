@@ -37,39 +37,9 @@ def _target_options(kind, given: dict) -> dict:
     return options
 
 
-def _check_rpc(kind, rpc: str | None) -> None:
-    if rpc is None:
-        return
-    if not hasattr(kind, "check_board"):
-        raise ConfigError(f"--rpc is for boards (--target arm); target '{kind.name}' runs on this machine")
-    kind.check_board(rpc)
-
-
 def _build_progress():
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console, transient=True)
-
-
-def _measure_latencies(path: Path, manifest: dict, kind, rpc: str | None, repeats: int) -> tuple[dict, dict | None, str]:
-    """Latency (ms) per sub-net where the deployable can run (here, or on the board at `rpc`), else why not."""
-    from dyncompile import runtime
-    from dyncompile.bench import remote_run  # one remote path for build, run and bench
-
-    import numpy as np
-
-    if rpc:
-        x = np.random.default_rng(0).standard_normal(manifest["input"]["shape"]).astype(manifest["input"]["dtype"])
-        measured = remote_run(path, manifest, x, rpc, [s["name"] for s in manifest["subnets"]], repeats=repeats)
-        return ({k: v[0] for k, v in measured.items()},
-                {"where": f"board at {rpc}", "statistic": "median", "repeats": repeats,
-                 "batch": manifest["input"]["batch_size"]}, "")
-    why = kind.check_runnable(manifest["target"])
-    if why:
-        return {}, None, why
-    model = runtime.load(path, device=kind.device)
-    return ({s.name: model.latency_ms(s.name, repeat=repeats) for s in model.subnets},
-            {"where": "this machine (build host)", "statistic": "median", "repeats": repeats, "warmup": 5,
-             "batch": manifest["input"]["batch_size"]}, "")
 
 
 @app.command()
@@ -97,39 +67,29 @@ def build(
     json_output: JsonOption = False,
 ) -> None:
     """Compile the workspace's sub-nets for TARGET into one multi-width deployable (one library, weights once)."""
-    from dyncompile.bench import workspace_facts
-    from dyncompile.build import build as run_build
-    from dyncompile.build import check_tuning_options
-    from dyncompile.build import subnets_from_workspace, tuning_dir_for
-    from dyncompile.deployable import default_output, read_manifest, record_latencies, write_deployable
+    from dyncompile.build import build_deployable
     from dyncompile.targets import get_target
-    from dyncompile.workspace import load_workspace
 
-    kind = get_target(target)
-    options = _target_options(kind, {"mcpu": mcpu, "arch": arch})
+    options = _target_options(get_target(target), {"mcpu": mcpu, "arch": arch})
     width_list = tuple(parse_widths(widths)) if widths else None
-    check_tuning_options(tune_trials, tune_minutes)
-    _check_rpc(kind, rpc)
-    kind.check_toolchain()
-    kind.tvm_target(**options)  # a bad --mcpu/--arch fails before the long steps
-    with console.status("opening the workspace…"):
-        ws = load_workspace(workspace)
-        source = subnets_from_workspace(workspace, ws.dg, width_list)
-    notes = list(source.notes)
-    if not json_output:
-        for note in notes:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
-    n = len(source.configs)
     with _build_progress() as progress:
-        subnet_task = progress.add_task("importing sub-nets", total=n, note="")
-        state = {"imported": 0, "tune_task": None}
+        subnet_task = progress.add_task("opening the workspace", total=None, note="")
+        state = {"imported": 0, "tune_task": None, "printed": []}
 
         def on_progress(stage: str, message: str) -> None:
+            if stage == "note":  # e.g. which sub-nets are built: shown at once, above the progress bar
+                state["printed"].append(message)
+                if not json_output:
+                    console.print(f"[yellow]note:[/] {message}", highlight=False)
+                return
+            if stage == "subnets":
+                progress.update(subnet_task, description="importing sub-nets", total=int(message))
+                return
             if stage == "import":
                 progress.update(subnet_task, completed=state["imported"], note=f"sub-net {message}")
                 state["imported"] += 1
                 return
-            progress.update(subnet_task, completed=n)
+            progress.update(subnet_task, completed=state["imported"])
             trials = _TRIALS.match(message)
             if stage == "tune" and trials:
                 done, total = int(trials.group(1)), int(trials.group(2))
@@ -138,47 +98,36 @@ def build(
                 progress.update(state["tune_task"], completed=done, total=total,
                                 note=message.split(" ", 2)[-1].strip("()"))
             else:
-                progress.update(subnet_task, description=stage, note=message)
+                progress.update(subnet_task, description={"write": "writing the deployable",
+                                                          "measure": "measuring latency"}.get(stage, stage),
+                                note="" if stage in ("write", "measure") else message)
 
-        result = run_build(source.dg, source.configs, target=target, target_options=options, batch_size=batch_size,
-                           tune_trials=tune_trials, tune_minutes=tune_minutes,
-                           tuning_dir=tuning_dir_for(workspace, target) if tune_trials else None,
-                           rpc=rpc, own_tensors=source.own_tensors, progress=on_progress)
-        progress.update(subnet_task, description="writing the deployable", completed=n, note="")
-        path = output or default_output(workspace, target)
-        model_facts = {"source": ws.spec.get("model"), **workspace_facts(workspace)}
-        write_deployable(path, result, source.dg, model=model_facts, accuracy=source.accuracy, search=source.search)
-        manifest = read_manifest(path)
-        progress.update(subnet_task, description="measuring latency", note="")
-        latencies, how, why_not = _measure_latencies(path, manifest, kind, rpc, repeats=10 if rpc else 30)
-    if manifest["target"].get("device_code") == "source":
-        notes.append("no CUDA driver here: the library carries its kernels as CUDA C, which the GPU machine's TVM "
-                     "compiles when it loads the deployable (it needs cuda-python or nvcc there)")
-    if latencies:
-        manifest = record_latencies(path, latencies, how=how)
-    else:
-        notes.append(f"latency not measured: the deployable cannot run here ({why_not}); "
-                     f"`dyncompile bench` on the target records it")
+        built = build_deployable(workspace, target=target, target_options=options, output=output, widths=width_list,
+                                 batch_size=batch_size, tune_trials=tune_trials, tune_minutes=tune_minutes, rpc=rpc,
+                                 progress=on_progress)
+    manifest, path, tuning = built.manifest, built.path, built.result.tuning
     if json_output:
-        print_json({"deployable": str(path), "target": manifest["target"], "tuning": manifest["tuning"],
-                     "compile_s": result.compile_s, "notes": notes,
-                     "subnets": [{k: s[k] for k in ("name", "macs", "params", "kernels", "tuned_kernels",
-                                                     "latency_ms", "accuracy")} for s in manifest["subnets"]]})
+        print_json({"deployable": str(path), "target": manifest.target.to_json(),
+                     "tuning": None if manifest.tuning is None else manifest.tuning.to_json(),
+                     "compile_s": built.result.compile_s, "notes": built.notes,
+                     "subnets": [{"name": s.name, "macs": s.macs, "params": s.params, "kernels": s.kernels,
+                                  "tuned_kernels": s.tuned_kernels, "latency_ms": s.latency_ms,
+                                  "accuracy": s.accuracy} for s in manifest.subnets]})
         return
-    for note in notes[len(source.notes):]:
+    for note in built.notes[len(state["printed"]):]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
-    full_macs = max(s["macs"] for s in manifest["subnets"])
+    full_macs = max(s.macs for s in manifest.subnets)
     table = Table(title=f"dyncompile build --target {target} → {path}")
     for col in ("sub-net", "MMACs", "MACs %", "params", "kernels tuned", "latency ms", "accuracy"):
         table.add_column(col, justify="right")
-    for s in manifest["subnets"]:
-        table.add_row(s["name"], f"{s['macs'] / 1e6:.2f}", f"{100 * s['macs'] / full_macs:.1f}", f"{s['params']:,}",
-                      f"{s['tuned_kernels']}/{s['kernels']}",
-                      "–" if s["latency_ms"] is None else f"{s['latency_ms']:.3f}",
-                      "–" if s["accuracy"] is None else f"{100 * s['accuracy']:.2f}%")
+    for s in manifest.subnets:
+        table.add_row(s.name, f"{s.macs / 1e6:.2f}", f"{100 * s.macs / full_macs:.1f}", f"{s.params:,}",
+                      f"{s.tuned_kernels}/{s.kernels}",
+                      "–" if s.latency_ms is None else f"{s.latency_ms:.3f}",
+                      "–" if s.accuracy is None else f"{100 * s.accuracy:.2f}%")
     out.print(table)
-    if result.tuning:
-        t = result.tuning
+    if tuning:
+        t = tuning
         out.print(f"tuning: {t.tasks} distinct kernels, {t.tuned} tuned now ({t.trials_per_task} trials each), "
                   f"{t.reused} reused from {t.database}, {t.seconds:.0f} s", highlight=False)
         if t.left_for_time:
@@ -231,26 +180,14 @@ def run(
     import numpy as np
 
     from dyncompile import runtime
-    from dyncompile.bench import remote_run
     from dyncompile.deployable import read_manifest
 
     if subnet is not None and budget_ms is not None:
         raise ConfigError("give either --subnet or --budget-ms, not both")
     x = _load_npy(input)
-    manifest = read_manifest(deployable)
-    if rpc:
-        # the budget and default choices need no library: the same rules, from the manifest alone
-        model = runtime.DeployedModel(deployable, manifest, None, None, {})
-    else:
-        model = runtime.load(deployable, device=manifest["target"].get("device", "cpu"))
-    name = model.select(budget_ms) if budget_ms is not None else (subnet or model.most_accurate())
-    if rpc:
-        model._check_name(name)
-        if tuple(x.shape) != model.input_shape:
-            raise ConfigError(f"input shape {tuple(x.shape)} does not match the deployable's {model.input_shape} "
-                              f"(the batch size is fixed at build time)")
-        y = remote_run(deployable, manifest, np.ascontiguousarray(x, dtype=model.input_dtype), rpc, [name])[name][1]
-    else:
+    device = read_manifest(deployable).target.device
+    with runtime.load(deployable, device=device, rpc=rpc) as model:
+        name = model.choose(subnet, budget_ms)
         y = model.run(x, subnet=name)
     if output is not None:
         _save_npy(output, y)
@@ -291,7 +228,7 @@ def bench(
     manifest = read_manifest(deployable)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(manifest["subnets"]))
+        task = progress.add_task("benchmarking", total=len(manifest.subnets))
 
         done = [0]
 
@@ -305,12 +242,12 @@ def bench(
         where = f"board at {rpc}" if rpc else "this machine"
         record_latencies(deployable, {r.name: r.tvm_ms for r in rows},
                          how={"where": where, "statistic": "median", "repeats": repeats, "warmup": 3,
-                              "batch": manifest["input"]["batch_size"], "by": "dyncompile bench"})
+                              "batch": manifest.input.batch_size, "by": "dyncompile bench"})
     if json_output:
         print_json([r.to_json() for r in rows])
         return
-    table = Table(title=f"dyncompile bench {deployable} ({manifest['target']['name']}, batch "
-                        f"{manifest['input']['batch_size']}, median of {repeats})")
+    table = Table(title=f"dyncompile bench {deployable} ({manifest.target.name}, batch "
+                        f"{manifest.input.batch_size}, median of {repeats})")
     for col in ("sub-net", "MMACs", "TVM ms", "GFLOP/s", "max err vs PyTorch",
                 *[f"{e} ms" for e in engines], *[f"TVM/{e}" for e in engines]):
         table.add_column(col, justify="right")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import dyncompile.runtime as runtime
-from dyncompile.build import build, by_tuning_value, import_subnet, next_round_size, prepare, uniform_subnets
+from dyncompile.build import build, uniform_subnets
 from dyncompile.deployable import (LIBRARY, MANIFEST, WEIGHTS, DeployableError, ParamSlice, read_manifest,
                                    record_latencies, write_deployable)
 from dyncompile.errors import ConfigError
@@ -22,6 +22,9 @@ from dyncompile.measure import count_macs
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.pipeline import analyse_model
 from dyncompile.targets import UnknownTargetError, get_target, known_targets
+from dyncompile.targets.pipeline import entry_module, prepare
+from dyncompile.targets.relax_import import import_subnet
+from dyncompile.targets.tuning import by_tuning_value, next_round_size
 from dyncompile.zoo import ZOO
 from dyncompile.zoo import build as build_zoo_model
 
@@ -143,7 +146,8 @@ def test_manifest_round_trip(built):
     import tvm
 
     dg, subnets, result, out = built
-    manifest = read_manifest(out)
+    manifest = read_manifest(out).to_json()  # the file's format, key by key
+    assert manifest == json.loads((out / MANIFEST).read_text())  # the typed manifest loses nothing
     assert manifest["target"]["name"] == "cpu" and manifest["target"]["device"] == "cpu"
     assert manifest["target"]["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
     assert manifest["versions"]["tvm"] == tvm.__version__ and manifest["versions"]["torch"] == torch.__version__
@@ -218,6 +222,11 @@ def _edit_manifest(path, edit):
     manifest = json.loads((path / MANIFEST).read_text())
     edit(manifest)
     (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_rpc_is_only_for_targets_that_run_on_boards(built):
+    with pytest.raises(ConfigError, match="--rpc is for boards"):
+        runtime.load(built[3], rpc="127.0.0.1:9")
 
 
 def test_a_deployable_for_another_target_is_refused(copy_of, built):
@@ -297,11 +306,8 @@ def test_tuning_rounds_are_sized_to_fit_the_time_budget():
 
 
 def test_each_subnets_heaviest_kernel_is_tuned_first():
-    from tvm.s_tir import meta_schedule as ms
-
     import tvm
-
-    from dyncompile.build import _entry_module
+    from tvm.s_tir import meta_schedule as ms
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(),
@@ -311,8 +317,8 @@ def test_each_subnets_heaviest_kernel_is_tuned_first():
     widths = uniform_subnets(dg)
     functions = {name: import_subnet(dg, name, widths[name])[0] for name in ("w100", "w50")}
     mod = prepare(tvm.IRModule(functions), target)
-    tasks = ms.relax_integration.extract_tasks(_entry_module(mod, list(functions)), target)
-    per_subnet = [ms.relax_integration.extract_tasks(_entry_module(mod, [name]), target) for name in functions]
+    tasks = ms.relax_integration.extract_tasks(entry_module(mod, list(functions)), target)
+    per_subnet = [ms.relax_integration.extract_tasks(entry_module(mod, [name]), target) for name in functions]
     ordered = by_tuning_value(tasks, per_subnet)
     assert len(ordered) == len(tasks) >= 6
     # the second convolution (8→32 channels at w100, 4→16 at w50) carries most of each sub-net's arithmetic
@@ -352,7 +358,7 @@ def test_tuning_is_applied_and_the_database_reused(tmp_path):
     assert second.subnets[0].tuned_kernels == second.subnets[0].kernels
 
     out = write_deployable(tmp_path / "deploy", second, dg)
-    assert read_manifest(out)["subnets"][0]["tuned_kernels"] == second.subnets[0].kernels
+    assert read_manifest(out).subnets[0].tuned_kernels == second.subnets[0].kernels
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         expected = extract_subnet(dg, subnets["w50"]).eval()(x)
@@ -370,7 +376,7 @@ def test_a_time_budget_tunes_the_heaviest_kernels_and_a_later_build_the_rest(tmp
     assert boxed.tuning.tuned == 2 and boxed.tuning.left_for_time == boxed.tuning.tasks - 2 > 0
     assert boxed.subnets[0].tuned_kernels == 2
     out = write_deployable(tmp_path / "deploy", boxed, dg)
-    assert read_manifest(out)["tuning"]["left_for_time"] == boxed.tuning.left_for_time
+    assert read_manifest(out).tuning.left_for_time == boxed.tuning.left_for_time
 
     rest = build(dg, subnets, tune_trials=4, tuning_dir=tuning_dir)
     assert rest.tuning.reused == 2 and rest.tuning.tuned == boxed.tuning.left_for_time
