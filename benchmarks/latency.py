@@ -55,7 +55,7 @@ def _profile(model: runtime.LocalModel, name: str, x: np.ndarray, top: int = 8, 
     import tvm
 
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(model.path / "model.so")), tvm.cpu())
-    args = [tvm.runtime.tensor(x), *model._weights[name]]
+    args = [tvm.runtime.tensor(x), *model.weights_of(name)]
     vm[name](*args)  # warm-up
     start = time.perf_counter()
     for _ in range(calls):

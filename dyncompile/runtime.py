@@ -173,6 +173,12 @@ class LocalModel(DeployedModel):
     def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
         return self._call(name, self._input(x)).numpy()
 
+    def weights_of(self, subnet: str) -> list:
+        """Sub-net `subnet`'s weight arguments as its compiled function takes them (on the device, transformed
+        once at load): what a profiler passes after the input."""
+        self._check_name(subnet)
+        return list(self._weights[subnet])
+
     def prepared(self, subnet: str, x: Any) -> Any:
         """A zero-argument function that runs `subnet` on `x` (copied to the device once) and waits for it:
         what a timing loop calls, so that it measures the sub-net and not the input copy."""

@@ -127,6 +127,23 @@ def test_input_shape_is_checked(built):
         model.run(np.zeros((1, 3, 32, 32), np.float32), subnet="w10")
 
 
+def test_weights_of_are_what_the_compiled_function_takes(built):
+    """What benchmarks/latency.py's profiler calls the VM with: the input, then `weights_of(name)`."""
+    import tvm
+
+    dg, subnets, _, out = built
+    model = runtime.load(out)
+    x = torch.randn(1, 3, 32, 32)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
+    got = vm["w50"](tvm.runtime.tensor(x.numpy()), *model.weights_of("w50"))
+    got = (got[0] if not hasattr(got, "numpy") else got).numpy()
+    with torch.no_grad():
+        expected = extract_subnet(dg, subnets["w50"]).eval()(x).numpy()
+    assert np.allclose(got, expected, atol=1e-4, rtol=0)
+    with pytest.raises(DeployableError, match="no sub-net 'w10'"):
+        model.weights_of("w10")
+
+
 # ── the artifact ──
 
 def test_one_folder_one_library_weights_once(built):
