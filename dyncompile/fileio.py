@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from dyncompile.errors import WriteError
+
 __all__ = ["sha256_file", "check_checksums", "write_errors", "fsync_path", "replace_durably", "write_atomic",
            "write_atomic_with"]
 
@@ -19,8 +21,6 @@ __all__ = ["sha256_file", "check_checksums", "write_errors", "fsync_path", "repl
 @contextmanager
 def write_errors(what: str | Path, kept: str) -> Iterator[None]:
     """An OSError while writing `what` becomes one line (`WriteError`) saying that `kept` was left as it was."""
-    from dyncompile.errors import WriteError
-
     try:
         yield
     except OSError as exc:

@@ -34,6 +34,7 @@ import numpy as np
 from dyncompile.errors import ConfigError, DyncompileError
 from dyncompile.targets import cpu
 from dyncompile.targets.llvm_common import build_candidate, isa_features
+from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "MTRIPLE", "DEFAULT_MCPU", "BOARD_HINT", "BoardError",
            "tvm_target", "describe", "check_toolchain", "cross_compiler", "schedule_passes", "lower_passes",
@@ -158,8 +159,6 @@ def _export_candidate(mod: Any) -> str:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from dyncompile.targets.pooled_builder import pooled_builder
-
     check_toolchain()
     return pooled_builder(timeout_s, f_build=build_candidate, f_export=_export_candidate)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from dyncompile.errors import ConfigError
 from dyncompile.targets.llvm_common import build_candidate, isa_features
+from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "tvm_target", "describe", "check_toolchain", "schedule_passes",
            "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library", "check_runnable"]
@@ -78,8 +79,6 @@ def tensor_intrinsics() -> list[str]:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from dyncompile.targets.pooled_builder import pooled_builder
-
     # A worker's first build imports TVM: the stock 30 s timeout failed every candidate as "Build errors" on a
     # busy 2-core machine.
     return pooled_builder(timeout_s, f_build=build_candidate)

@@ -29,6 +29,7 @@ from typing import Any
 from dyncompile.errors import ConfigError
 from dyncompile.targets import cpu
 from dyncompile.targets.llvm_common import isa_features
+from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "DEFAULT_ARCH", "tvm_target", "describe", "check_toolchain",
            "schedule_passes", "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner",
@@ -128,8 +129,6 @@ def tensor_intrinsics() -> list[str]:
 
 
 def tuning_builder(timeout_s: float = 120.0) -> Any:
-    from dyncompile.targets.pooled_builder import pooled_builder
-
     check_toolchain()
     return pooled_builder(timeout_s)
 

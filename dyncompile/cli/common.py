@@ -1,5 +1,9 @@
 """What every command module of the CLI shares: the typer `app`, the consoles, common options, and
-`friendly_errors` (one red line for a user's mistake, exit 2; one line asking for a bug report, exit 3)."""
+`friendly_errors` (one red line for a user's mistake, exit 2; one line asking for a bug report, exit 3).
+
+Command modules import the library inside each command: torch and TVM take seconds to import, and `--help`,
+`--version` or a mistyped option should answer at once.
+"""
 
 from __future__ import annotations
 

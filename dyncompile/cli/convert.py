@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from dyncompile.cli.common import JsonOption, WorkspaceOption, app, console, friendly_errors, out, parse_widths, print_json
+from dyncompile.errors import ConfigError, UntrustedPickleError
 from dyncompile.workspace import DEFAULT_WORKSPACE
 
 __all__ = ["convert", "verify", "inspect"]
@@ -41,7 +42,6 @@ def convert(
 ) -> None:
     """Trace MODEL, find coupled channels, split them into groups, and save a slimmable model in a workspace."""
     from dyncompile.convert import convert as run_convert
-    from dyncompile.errors import ConfigError, UntrustedPickleError
     from dyncompile.loading import parse_input_shape
     from dyncompile.passes.couple import GROUPED_CONV_MODES
 

@@ -17,6 +17,8 @@ from rich.table import Table
 
 from dyncompile.cli.common import JsonOption, WorkspaceOption, app, console, friendly_errors, out, parse_widths, print_json
 from dyncompile.errors import ConfigError
+from dyncompile.fileio import write_atomic
+from dyncompile.targets import get_target
 from dyncompile.workspace import DEFAULT_WORKSPACE
 
 __all__ = ["build", "run", "bench"]
@@ -68,7 +70,6 @@ def build(
 ) -> None:
     """Compile the workspace's sub-nets for TARGET into one multi-width deployable (one library, weights once)."""
     from dyncompile.build import build_deployable
-    from dyncompile.targets import get_target
 
     options = _target_options(get_target(target), {"mcpu": mcpu, "arch": arch})
     width_list = tuple(parse_widths(widths)) if widths else None
@@ -143,7 +144,6 @@ def _save_npy(path: Path, array) -> None:
 
     import numpy as np
 
-    from dyncompile.fileio import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
