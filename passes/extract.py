@@ -309,8 +309,6 @@ def _slice_channelwise(m: nn.Module, idx: torch.Tensor) -> nn.Module:
         new.num_channels, new.num_groups = len(idx), len(idx) // per
     if isinstance(m, nn.PReLU):
         new.num_parameters = len(idx)
-    for attr in ("statistics", "_original", "active_statistics"):
-        new.__dict__.pop(attr, None)
     return new
 
 

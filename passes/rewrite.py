@@ -2,8 +2,8 @@
 
 `insert_channel_masks` puts a `ChannelMask` after every node whose output carries droppable channels, so a
 dropped channel is zero wherever it appears: this masked graph is the *reference semantics* of a sub-net
-(verify compares extracted sub-nets against it). `to_slimmable_layers` swaps convs/linears/BNs for their
-`Slim*` subclasses (same computation, plus channel-group metadata and switchable BN statistics).
+(verify compares extracted sub-nets against it). `to_slimmable_layers` swaps convs/linears for their `Slim*`
+subclasses (same computation, plus channel-group metadata); BatchNorm stays plain torch BatchNorm.
 `set_subnet` switches every mask of a converted model to a sub-net configuration.
 """
 
@@ -52,7 +52,7 @@ def insert_channel_masks(dg: DynGraph, gm: fx.GraphModule | None = None) -> fx.G
 
 
 def to_slimmable_layers(dg: DynGraph, gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace convs/linears/BNs of `gm` (in place) by Slim* layers with the same weights."""
+    """Replace convs/linears of `gm` (in place) by Slim* layers with the same weights."""
     set_of_producer = {p: s for s in dg.sets for p in s.producers}
     for name, module in list(gm.named_modules()):
         slim_cls = SLIM_LAYER_FOR.get(type(module))
@@ -69,10 +69,7 @@ def to_slimmable_layers(dg: DynGraph, gm: fx.GraphModule) -> fx.GraphModule:
 def _clone_as(module: nn.Module, cls: type) -> nn.Module:
     slim = copy.deepcopy(module)
     slim.__class__ = cls
-    if hasattr(cls, "init_groups"):
-        slim.init_groups(getattr(module, "out_channels", None) or module.out_features)
-    if hasattr(cls, "init_statistics"):
-        slim.init_statistics()
+    slim.init_groups()
     return slim
 
 
