@@ -2,7 +2,8 @@
 
 - `ChannelMask` zeroes the channels a sub-net drops, exactly where they are produced.
 - `SlimConv1d/2d/3d`, `SlimLinear`: the original layers, carrying which channel set and group each output
-  channel belongs to (what the search ranks and trains); at full width they compute exactly the original.
+  channel belongs to (what the search ranks and trains); at full width they compute
+  exactly the original. Which layer becomes which is each layer rule's `slim_class` (`dyncompile.layer_rules`).
 
 BatchNorm layers stay plain torch BatchNorm here: a sub-net's own statistics are recalibrated by the search
 (`dyncompile.search.subnets.calibrate`) and stored with its result.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ChannelMask", "SlimConv1d", "SlimConv2d", "SlimConv3d", "SlimLinear", "SLIM_LAYER_FOR"]
+__all__ = ["ChannelMask", "SlimConv1d", "SlimConv2d", "SlimConv3d", "SlimLinear"]
 
 
 class ChannelMask(nn.Module):
@@ -57,5 +58,3 @@ SlimConv1d = _slim_class(nn.Conv1d, "SlimConv1d")
 SlimConv2d = _slim_class(nn.Conv2d, "SlimConv2d")
 SlimConv3d = _slim_class(nn.Conv3d, "SlimConv3d")
 SlimLinear = _slim_class(nn.Linear, "SlimLinear")
-
-SLIM_LAYER_FOR = {nn.Conv1d: SlimConv1d, nn.Conv2d: SlimConv2d, nn.Conv3d: SlimConv3d, nn.Linear: SlimLinear}
