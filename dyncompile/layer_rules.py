@@ -57,14 +57,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dyncompile.layers import SlimConv1d, SlimConv2d, SlimConv3d, SlimLinear
+from dyncompile.layers import (SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
+                               SlimConvTranspose3d, SlimLinear)
 
 if TYPE_CHECKING:
     import torch.fx as fx
 
     from dyncompile.passes.couple import CouplingAnalysis
 
-__all__ = ["LayerRule", "ProducerRule", "LinearRule", "ConvRule", "ChannelwiseRule",
+__all__ = ["LayerRule", "ProducerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "ChannelwiseRule",
            "GroupNormRule", "PReLURule", "register_layer_rule", "unregister_layer_rule", "layer_rule_for",
            "has_torch_forward"]
 
@@ -165,6 +166,20 @@ class ConvRule(ProducerRule):
         return new
 
 
+class ConvTransposeRule(ConvRule):
+    """nn.ConvTranspose1d/2d/3d: a producer of `out_channels` like a conv (grouped ones tie alike), but the
+    weight is [in, out/groups, k…]: no single weight dim holds the output channels when grouped."""
+
+    weight_out_dim = None
+
+    def __init__(self, slim_class: type[nn.Module] | None = None):
+        super().__init__(slim_class=slim_class, kind="transposed conv")
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        positions, groups = _grouped_cut(in_idx, out_idx, module.in_channels, module.out_channels, module.groups)
+        return self._cut(module, in_idx, out_idx, module.weight.detach()[in_idx][:, positions], groups)
+
+
 class ChannelwiseRule(LayerRule):
     """A per-channel layer (BatchNorm, InstanceNorm, PReLU): channels pass through along dim 1, and every
     per-channel parameter and buffer is cut to the kept ones."""
@@ -260,6 +275,9 @@ def _forward_owner(mro: tuple[type, ...]) -> int:
 
 for _conv, _slim in ((nn.Conv1d, SlimConv1d), (nn.Conv2d, SlimConv2d), (nn.Conv3d, SlimConv3d)):
     register_layer_rule(_conv, ConvRule(_slim))
+for _conv, _slim in ((nn.ConvTranspose1d, SlimConvTranspose1d), (nn.ConvTranspose2d, SlimConvTranspose2d),
+                     (nn.ConvTranspose3d, SlimConvTranspose3d)):
+    register_layer_rule(_conv, ConvTransposeRule(_slim))
 register_layer_rule(nn.Linear, LinearRule())
 for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):

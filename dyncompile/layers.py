@@ -1,8 +1,8 @@
 """Layers of the converted (slimmable) model.
 
 - `ChannelMask` zeroes the channels a sub-net drops, exactly where they are produced.
-- `SlimConv1d/2d/3d`, `SlimLinear`: the original layers, carrying which channel set and group each output
-  channel belongs to (what the search ranks and trains); at full width they compute
+- `SlimConv1d/2d/3d`, `SlimConvTranspose1d/2d/3d`, `SlimLinear`: the original layers, carrying which channel set
+  and group each output channel belongs to (what the search ranks and trains); at full width they compute
   exactly the original. Which layer becomes which is each layer rule's `slim_class` (`dyncompile.layer_rules`).
 
 BatchNorm layers stay plain torch BatchNorm here: a sub-net's own statistics are recalibrated by the search
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ChannelMask", "SlimConv1d", "SlimConv2d", "SlimConv3d", "SlimLinear"]
+__all__ = ["ChannelMask", "SlimConv1d", "SlimConv2d", "SlimConv3d", "SlimConvTranspose1d", "SlimConvTranspose2d",
+           "SlimConvTranspose3d", "SlimLinear"]
 
 
 class ChannelMask(nn.Module):
@@ -57,4 +58,7 @@ def _slim_class(base: type[nn.Module], name: str) -> type[nn.Module]:
 SlimConv1d = _slim_class(nn.Conv1d, "SlimConv1d")
 SlimConv2d = _slim_class(nn.Conv2d, "SlimConv2d")
 SlimConv3d = _slim_class(nn.Conv3d, "SlimConv3d")
+SlimConvTranspose1d = _slim_class(nn.ConvTranspose1d, "SlimConvTranspose1d")
+SlimConvTranspose2d = _slim_class(nn.ConvTranspose2d, "SlimConvTranspose2d")
+SlimConvTranspose3d = _slim_class(nn.ConvTranspose3d, "SlimConvTranspose3d")
 SlimLinear = _slim_class(nn.Linear, "SlimLinear")

@@ -3,7 +3,7 @@
 `insert_channel_masks` puts a `ChannelMask` after every node whose output carries droppable channels, so a
 dropped channel is zero wherever it appears: this masked graph is the *reference semantics* of a sub-net
 (verify compares extracted sub-nets against it). `to_slimmable_layers` swaps each layer whose rule has a
-slimmable form (convs, linears: `dyncompile.layer_rules`) for that `Slim*` subclass (same
+slimmable form (convs, transposed convs, linears: `dyncompile.layer_rules`) for that `Slim*` subclass (same
 computation, plus channel-group metadata); BatchNorm stays plain torch BatchNorm.
 `set_subnet` switches every mask of a converted model to a sub-net configuration.
 """

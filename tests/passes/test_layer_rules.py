@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dyncompile.layer_rules import ConvRule, LayerRule, layer_rule_for, register_layer_rule, unregister_layer_rule
+from dyncompile.layer_rules import (ConvRule, ConvTransposeRule, LayerRule, layer_rule_for, register_layer_rule,
+                                    unregister_layer_rule)
 from dyncompile.passes.extract import extract_subnet
+from dyncompile.passes.rewrite import convert_to_slimmable
 from dyncompile.pipeline import analyse_model
+from dyncompile.search.rank import producer_groups
 from dyncompile.verify import verify
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
@@ -23,6 +26,42 @@ def sets_by_producer(dg):
 def assert_verifies(dg):
     for r in verify(dg, WIDTHS):
         assert r.ok, (r.width, r.problems)
+
+
+class Decoder(nn.Module):
+    """conv → BN → ReLU → ConvTranspose2d (upsampling) → BN → conv, and a grouped transposed conv."""
+
+    def __init__(self, groups: int = 1):
+        super().__init__()
+        self.encode = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 12, 4, stride=2, padding=1, groups=groups)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.bn2(self.up(F.relu(self.bn1(self.encode(x))))))
+
+
+@pytest.mark.parametrize("groups, mode", [(1, "auto"), (4, "group"), (4, "position")])
+def test_transposed_conv_decoder_slims_and_verifies(groups, mode):
+    torch.manual_seed(0)
+    dg = analyse_model(Decoder(groups).eval(), (1, 3, 16, 16), groups=4, grouped_conv_mode=mode)
+    sets = sets_by_producer(dg)
+    assert sets["encode"].free and sets["up"].free
+    assert dg.gm.get_submodule("up").weight.shape == (16, 12 // groups, 4, 4)  # [in, out/groups, k, k]
+    if mode == "group":
+        assert sets["encode"] is sets["up"], "a grouped transposed conv ties each input group to its output group"
+        assert len(sets["up"].classes) == groups
+    elif mode == "position":
+        assert sets["encode"] is not sets["up"] and len(sets["up"].classes) == 12 // groups
+    assert_verifies(dg)
+    sub = extract_subnet(dg, {s.name: 1 for s in dg.free_sets})
+    up = sub.get_submodule("up")
+    assert type(up) is nn.ConvTranspose2d and up.out_channels < 12 and up.in_channels < 16
+    assert type(convert_to_slimmable(dg).get_submodule("up")).__name__ == "SlimConvTranspose2d"
+    # the rankings read each output channel's filter as weight[c]: a transposed conv's weight is not laid out so
+    assert "up" not in producer_groups(dg) and "encode" in producer_groups(dg)
 
 
 class GroupNormNet(nn.Module):
@@ -122,6 +161,7 @@ def test_lookup_walks_the_mro_only_up_to_the_forward_that_runs():
 
     assert isinstance(layer_rule_for(nn.Conv2d(3, 3, 1)), ConvRule)
     assert layer_rule_for(Plain(3, 3, 1)) is layer_rule_for(nn.Conv2d(3, 3, 1))
+    assert isinstance(layer_rule_for(nn.ConvTranspose3d(3, 3, 1)), ConvTransposeRule)
     assert layer_rule_for(PadConv(3, 3, 3)) is None  # its own forward: opaque
     assert layer_rule_for(nn.PReLU()) is None  # one weight: an element-wise activation
     assert layer_rule_for(nn.PReLU(4)) is not None
