@@ -14,18 +14,8 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.passes.rewrite import convert_to_slimmable
 from dyncompile.pipeline import analyse_model
 from dyncompile.search.rank import producer_groups
-from dyncompile.verify import verify
 
-WIDTHS = [1.0, 0.75, 0.5, 0.25]
-
-
-def sets_by_producer(dg):
-    return {p: s for s in dg.sets for p in s.producers}
-
-
-def assert_verifies(dg):
-    for r in verify(dg, WIDTHS):
-        assert r.ok, (r.width, r.problems)
+from tests.passes.checks import assert_verifies, sets_by_producer
 
 
 class Decoder(nn.Module):
