@@ -322,8 +322,14 @@ def _module_spec(qualname: str, module: nn.Module) -> dict[str, Any]:
     }
 
 
+# Classes dyncompile has removed, as stored graphs may name them: each loads as the torch.nn class that took its
+# place. (The switchable-statistics BatchNorms: sub-net statistics now live in the search result.)
+_REMOVED_CLASSES = {f"dyncompile.layers:SlimBatchNorm{d}d": f"torch.nn.modules.batchnorm:BatchNorm{d}d"
+                    for d in (1, 2, 3)}
+
+
 def _build_module(qualname: str, spec: dict[str, Any]) -> nn.Module:
-    entry = _registry().get(spec["class"])
+    entry = _registry().get(_REMOVED_CLASSES.get(spec["class"], spec["class"]))
     if entry is None:
         raise WorkspaceError(
             f"module '{qualname}' has class {spec['class']!r}, which is not allowed "

@@ -6,7 +6,8 @@ with every value. Operations that only move elements around (view, transpose, ca
 index_select, pad, pixel/channel shuffle…) are applied *to the label tensor itself*, so channel shuffles,
 constant split sizes, slice+concat and flatten→linear come out exactly, whatever the code looks like.
 Operations that combine elements position-wise (add, mul, gates) tie the atoms they meet (union-find).
-Grouped convolutions tie input and output channels of each conv-group. Anything not understood is *fixed*
+Layers (convs, linears, norms…) are handled by their rule in `dyncompile.layer_rules`: a grouped conv ties
+input and output channels of each conv-group, a GroupNorm its norm groups. Anything not understood is *fixed*
 (kept at full width) and the reason recorded, never guessed.
 
 Two invariants keep every sub-net extractable as a plain smaller network:
@@ -38,8 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
+from dyncompile.layer_rules import has_torch_forward, layer_rule_for
 
-__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward"]
+__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
+           "producer_channel_classes", "producer_channel_groups"]
 
 GROUPED_CONV_MODES = ("auto", "group", "position")
 _MAX_PARAM_ATOMS = 1 << 16  # larger constant tensors (embeddings…) are simply fixed
@@ -132,17 +135,17 @@ def _tensor_leaves(obj: Any) -> list:
     return [obj] if isinstance(obj, torch.Tensor) else []
 
 
-# ───────────────────────────── handler tables ─────────────────────────────
-# Each handler: (analysis, node, value) -> labels of the node's value.
+# ───────────────────────────── op handler tables ─────────────────────────────
+# Each handler: (analysis, node, value) -> labels of the node's value. Layers with weights are not here: their
+# rules live in dyncompile.layer_rules.
 Handler = Callable[["CouplingAnalysis", fx.Node, Any], Any]
 
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
     nn.Threshold, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.PReLU,  # with one weight (its layer rule declines it): an element-wise activation
 )
-CHANNELWISE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                       nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU, nn.GroupNorm)
 SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
@@ -151,7 +154,6 @@ SPATIAL_MODULES = (
     nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
 )
 REARRANGE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
-PRODUCER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 UNARY_FUNCTIONS = {
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
@@ -293,16 +295,11 @@ class CouplingAnalysis(fx.Interpreter):
     def handler_for(self, n: fx.Node) -> Handler | None:
         if n.op == "call_module":
             m = self.modules[n.target]
+            rule = layer_rule_for(m)
+            if rule is not None:
+                return lambda a, node, value: rule.couple(a, node, m, value)
             if not has_torch_forward(m):
                 return None  # a user subclass with its own forward: whatever it computes, it is not the layer
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                return _conv
-            if isinstance(m, nn.Linear):
-                return _linear
-            if isinstance(m, nn.GroupNorm):
-                return _group_norm
-            if isinstance(m, CHANNELWISE_MODULES):
-                return _unary if isinstance(m, nn.PReLU) and m.num_parameters == 1 else _channelwise
             if isinstance(m, UNARY_MODULES):
                 return _unary
             if isinstance(m, SPATIAL_MODULES):
@@ -320,6 +317,28 @@ class CouplingAnalysis(fx.Interpreter):
             return table.get(n.target)
         except TypeError:  # unhashable target
             return None
+
+    # ── what layer rules (dyncompile.layer_rules) use ──
+    def input_channels(self, n: fx.Node, dim: int, why: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels of `n`'s data input and their 1-D vector along `dim`; labels varying along another dim are
+        fixed first (a channel consumer cannot drop a spatial pattern)."""
+        labels = _channel_only(self, n, _data_labels(self, n), dim, why)
+        return labels, channel_vector(labels, dim, self.val(n.args[0]).shape[dim])
+
+    def new_channels(self, n: fx.Node, count: int) -> torch.Tensor:
+        """Fresh atoms for the `count` output channels of producer `n`."""
+        atoms = self.uf.new(count, n.target)
+        self.producers[n.name] = atoms
+        return atoms
+
+    def channels_along(self, vector: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+        """Labels of a rank-`rank` value whose channels along `dim` are `vector`."""
+        shape = [1] * rank
+        shape[dim] = -1
+        return self.roots(vector.reshape(shape))
+
+    def describe(self, n: fx.Node) -> str:
+        return _describe(n)
 
     # ── node kinds ──
     def label_constant(self, n: fx.Node, value: Any) -> Any:
@@ -353,14 +372,6 @@ def _describe(n: Any) -> str:
     return f"{target} at node '{n.name}'"
 
 
-def has_torch_forward(m: nn.Module) -> bool:
-    """True when the module runs torch.nn's own forward (dyncompile's Slim* layers keep it)."""
-    for cls in type(m).__mro__:
-        if "forward" in cls.__dict__:
-            return cls.__module__.startswith("torch.nn.")
-    return False
-
-
 def _data_labels(a: CouplingAnalysis, n: fx.Node) -> torch.Tensor:
     return a.lab(n.args[0])
 
@@ -374,56 +385,12 @@ def _channel_only(a: CouplingAnalysis, n: fx.Node, labels: torch.Tensor, dim: in
     return labels
 
 
-# ── producers ──
-def _conv(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
-    m: nn.Conv2d = a.modules[n.target]
-    x_labels = _channel_only(a, n, _data_labels(a, n), 1, f"conv '{n.target}' input")
-    inp = channel_vector(x_labels, 1, m.in_channels)
-    out = a.uf.new(m.out_channels, n.target)
-    a.producers[n.name] = out
-    g = m.groups
-    if g > 1:
-        in_pg, out_pg = m.in_channels // g, m.out_channels // g
-        if in_pg == 1 or a.grouped_conv_mode == "group":
-            for k in range(g):
-                a.tie_all(torch.cat([inp[k * in_pg:(k + 1) * in_pg], out[k * out_pg:(k + 1) * out_pg]]), n,
-                          f"conv-group {k} of grouped conv '{n.target}' (in and out move together)")
-        else:
-            for j in range(in_pg):
-                a.tie_all(inp[j::in_pg], n, f"grouped conv '{n.target}': input position {j} in every group")
-            for j in range(out_pg):
-                a.tie_all(out[j::out_pg], n, f"grouped conv '{n.target}': output position {j} in every group")
-    return a.roots(out.reshape([1, -1] + [1] * (value.dim() - 2)))
-
-
-def _linear(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
-    m: nn.Linear = a.modules[n.target]
-    _channel_only(a, n, _data_labels(a, n), -1, f"linear '{n.target}' input")
-    out = a.uf.new(m.out_features, n.target)
-    a.producers[n.name] = out
-    return a.roots(out.reshape([1] * (value.dim() - 1) + [-1]))
-
-
 # ── channel-preserving layers ──
 def _unary(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     labels = _data_labels(a, n)
     if not isinstance(labels, torch.Tensor) or not isinstance(value, torch.Tensor):
         return a.unknown(n, value)
     return a.roots(labels.reshape(labels.shape if labels.dim() == value.dim() else [1] * value.dim()))
-
-
-def _channelwise(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
-    return _channel_only(a, n, _data_labels(a, n), 1, f"{_describe(n)}")
-
-
-def _group_norm(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
-    m: nn.GroupNorm = a.modules[n.target]
-    labels = _channel_only(a, n, _data_labels(a, n), 1, f"{_describe(n)}")
-    per = m.num_channels // m.num_groups
-    vec = channel_vector(labels, 1, m.num_channels)
-    for k in range(m.num_groups):
-        a.tie_all(vec[k * per:(k + 1) * per], n, f"group {k} of GroupNorm '{n.target}' is normalised together")
-    return a.roots(labels)
 
 
 def _spatial(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
@@ -610,6 +577,19 @@ def couple(dg: DynGraph, grouped_conv_mode: str = "auto") -> DynGraph:
     analysis = best[1]
     _write_back(dg, analysis)
     return dg
+
+
+def producer_channel_classes(dg: DynGraph, producer: str) -> torch.Tensor:
+    """Class id of every output channel of producer layer `producer` (module name), after `couple`."""
+    node = [n for n in dg.gm.graph.nodes if n.op == "call_module" and n.target == producer][-1]
+    dim = layer_rule_for(dg.gm.get_submodule(producer)).channel_dim
+    return channel_vector(node.meta[LABELS], dim, node.meta[SHAPE][dim])
+
+
+def producer_channel_groups(dg: DynGraph, channel_set: ChannelSet, producer: str) -> torch.Tensor:
+    """Group index (in `channel_set.groups`) of every output channel of `producer`; -1 where none (fixed)."""
+    group_of_class = {c: i for i, g in enumerate(channel_set.groups) for c in g}
+    return torch.tensor([group_of_class.get(int(c), -1) for c in producer_channel_classes(dg, producer)])
 
 
 def _has_grouped_convs(gm: fx.GraphModule) -> bool:

@@ -1,6 +1,7 @@
 """Pass `extract`: cut a sub-net out as a physically smaller, plain `nn.Module` (an fx GraphModule).
 
-No masks: convs, linears and norms get fewer channels and sliced weights; parameters used directly in
+No masks: layers with a rule (`dyncompile.layer_rules`: convs, linears, norms…) are cut by their rule to the
+kept channels, any other module is copied as it is; parameters used directly in
 `forward` are sliced; ops whose arguments encode channel counts (view/reshape sizes, split sizes, chunk,
 slices, narrow, index_select indices) are rewritten from the concrete values seen while tracing, so even
 sizes written as constants in the model's code come out right. The batch dimension is never touched.
@@ -19,7 +20,7 @@ from torch import nn
 
 from dyncompile.errors import DyncompileError
 from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
-from dyncompile.passes.couple import has_torch_forward
+from dyncompile.layer_rules import layer_rule_for
 
 __all__ = ["extract_subnet", "extract_with_indices", "index_probe", "slice_indices", "ExtractionError"]
 
@@ -120,19 +121,14 @@ class _Extractor:
 
     def slice_module(self, node: fx.Node) -> nn.Module:
         m = self.modules[node.target]
-        in_kept, out_kept = self.input_kept(node), self.kept[node]
-        if not has_torch_forward(m):
-            return _plain_copy(m)  # opaque to the analysis (its channels are fixed): copied as it is
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return _slice_conv(m, _indices(in_kept, 1, m.in_channels), _indices(out_kept, 1, m.out_channels))
-        if isinstance(m, nn.Linear):
-            rank = len(node.meta[SHAPE])
-            return _slice_linear(m, _indices(in_kept, rank - 1, m.in_features), _indices(out_kept, rank - 1, m.out_features))
-        if in_kept is None:
-            return _plain_copy(m)
-        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.PReLU, nn.GroupNorm)):
-            return _slice_channelwise(m, _indices(in_kept, 1, None))
-        return _plain_copy(m)  # channel-agnostic module (activation, pooling…)
+        rule = layer_rule_for(m)
+        if rule is None:
+            return copy.deepcopy(m)  # channel-agnostic (activation, pooling…) or opaque (its channels are fixed)
+        out_shape = node.meta[SHAPE]
+        in_shape = node.args[0].meta[SHAPE]
+        dim = rule.channel_dim % len(out_shape)
+        return rule.extract(m, _indices(self.input_kept(node), dim, in_shape[dim]),
+                            _indices(self.kept[node], dim, out_shape[dim]))
 
     def emit_call(self, node: fx.Node) -> fx.Node:
         target = node.target
@@ -248,78 +244,6 @@ def _fetch_attr(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _plain_copy(m: nn.Module) -> nn.Module:
-    return copy.deepcopy(m)
-
-
-def _slice_conv(m: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
-    g = m.groups
-    in_pg, out_pg = m.in_channels // g, m.out_channels // g
-    if g == 1:
-        weight, new_groups = m.weight[out_idx][:, in_idx], 1
-    else:
-        kept_groups = (out_idx // out_pg).unique()
-        positions = None
-        for k in kept_groups.tolist():
-            local = in_idx[(in_idx >= k * in_pg) & (in_idx < (k + 1) * in_pg)] - k * in_pg
-            if positions is not None and not torch.equal(local, positions):
-                raise ExtractionError("grouped conv keeps different input positions in different groups")
-            positions = local
-        expected_in = (kept_groups[:, None] * in_pg + positions[None, :]).flatten()
-        if not torch.equal(expected_in, in_idx):
-            raise ExtractionError("grouped conv input channels do not match its kept groups")
-        counts = torch.bincount(out_idx // out_pg, minlength=g)[kept_groups]
-        if not bool((counts == counts[0]).all()):
-            raise ExtractionError("grouped conv keeps different output counts per group")
-        weight, new_groups = m.weight[out_idx][:, positions], len(kept_groups)
-    new = copy.deepcopy(m)
-    new.__class__ = _plain_class(m)
-    new.in_channels, new.out_channels, new.groups = len(in_idx), len(out_idx), new_groups
-    new.weight = nn.Parameter(weight.detach().clone())
-    if m.bias is not None:
-        new.bias = nn.Parameter(m.bias.detach()[out_idx].clone())
-    return new
-
-
-def _slice_linear(m: nn.Linear, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Linear:
-    new = copy.deepcopy(m)
-    new.__class__ = _plain_class(m)
-    new.in_features, new.out_features = len(in_idx), len(out_idx)
-    new.weight = nn.Parameter(m.weight.detach()[out_idx][:, in_idx].clone())
-    if m.bias is not None:
-        new.bias = nn.Parameter(m.bias.detach()[out_idx].clone())
-    return new
-
-
-def _slice_channelwise(m: nn.Module, idx: torch.Tensor) -> nn.Module:
-    new = copy.deepcopy(m)
-    new.__class__ = _plain_class(m)
-    for name, p in list(m.named_parameters(recurse=False)):
-        if p.dim() >= 1 and p.shape[0] > 1:
-            setattr(new, name, nn.Parameter(p.detach()[idx].clone(), p.requires_grad))
-    for name, b in list(m.named_buffers(recurse=False)):
-        if b is not None and b.dim() >= 1 and b.shape[0] > 1:
-            setattr(new, name, b[idx].clone())
-    if hasattr(new, "num_features"):
-        new.num_features = len(idx)
-    if isinstance(m, nn.GroupNorm):
-        per = m.num_channels // m.num_groups
-        new.num_channels, new.num_groups = len(idx), len(idx) // per
-    if isinstance(m, nn.PReLU):
-        new.num_parameters = len(idx)
-    for attr in ("statistics", "_original", "active_statistics"):
-        new.__dict__.pop(attr, None)
-    return new
-
-
-def _plain_class(m: nn.Module) -> type:
-    """The torch.nn class behind a Slim* layer (extracted networks carry no dyncompile types)."""
-    for cls in type(m).__mro__:
-        if cls.__module__.startswith("torch.nn"):
-            return cls
-    return type(m)
 
 
 def extract_subnet(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule | None = None) -> fx.GraphModule:

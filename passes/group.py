@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from dyncompile.errors import ConfigError
 from dyncompile.ir import LABELS, DynGraph
+from dyncompile.passes.couple import producer_channel_classes
 
 __all__ = ["group"]
+
 
 def _channel_vectors(dg: DynGraph) -> list[torch.Tensor]:
     """The class ids along the varying dim of every tensor in the graph (its 'channels')."""
@@ -104,12 +105,4 @@ def _check_no_tensor_starves(dg: DynGraph, vectors: list[torch.Tensor]) -> None:
 
 def _first_producer_classes(dg: DynGraph) -> dict[str, np.ndarray]:
     """Class id of every output channel of each set's first producer."""
-    modules = dict(dg.gm.named_modules())
-    by_target = {n.target: n for n in dg.gm.graph.nodes if n.op == "call_module"}
-    result = {}
-    for s in dg.sets:
-        labels = by_target[s.name].meta[LABELS]
-        dim = labels.dim() - 1 if isinstance(modules[s.name], nn.Linear) else 1
-        vec = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)[:, 0]
-        result[s.name] = vec.expand(s.channels).numpy() if vec.numel() == 1 else vec.numpy()
-    return result
+    return {s.name: producer_channel_classes(dg, s.name).numpy() for s in dg.sets}

@@ -2,8 +2,9 @@
 
 `insert_channel_masks` puts a `ChannelMask` after every node whose output carries droppable channels, so a
 dropped channel is zero wherever it appears: this masked graph is the *reference semantics* of a sub-net
-(verify compares extracted sub-nets against it). `to_slimmable_layers` swaps convs/linears/BNs for their
-`Slim*` subclasses (same computation, plus channel-group metadata and switchable BN statistics).
+(verify compares extracted sub-nets against it). `to_slimmable_layers` swaps each layer whose rule has a
+slimmable form (convs, transposed convs, linears: `dyncompile.layer_rules`) for that `Slim*` subclass (same
+computation, plus channel-group metadata); BatchNorm stays plain torch BatchNorm.
 `set_subnet` switches every mask of a converted model to a sub-net configuration.
 """
 
@@ -13,10 +14,11 @@ import copy
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from dyncompile.ir import FIXED, LABELS, DynGraph, SubnetConfig, keep_mask
-from dyncompile.layers import SLIM_LAYER_FOR, ChannelMask
+from dyncompile.layer_rules import layer_rule_for
+from dyncompile.layers import ChannelMask
+from dyncompile.passes.couple import producer_channel_groups
 
 __all__ = ["insert_channel_masks", "to_slimmable_layers", "set_subnet", "convert_to_slimmable"]
 
@@ -52,38 +54,23 @@ def insert_channel_masks(dg: DynGraph, gm: fx.GraphModule | None = None) -> fx.G
 
 
 def to_slimmable_layers(dg: DynGraph, gm: fx.GraphModule) -> fx.GraphModule:
-    """Replace convs/linears/BNs of `gm` (in place) by Slim* layers with the same weights."""
+    """Replace the layers of `gm` that have a slimmable form (their rule's `slim_class`: convs, linears), in
+    place, by that Slim* layer with the same weights."""
     set_of_producer = {p: s for s in dg.sets for p in s.producers}
     for name, module in list(gm.named_modules()):
-        slim_cls = SLIM_LAYER_FOR.get(type(module))
-        if slim_cls is None:
-            continue
-        slim = _clone_as(module, slim_cls)
-        if hasattr(slim, "out_group") and name in set_of_producer:
-            _record_groups(dg, slim, name, set_of_producer[name])
+        rule = layer_rule_for(module)
+        slim_cls = rule.slim_class if rule is not None else None
+        if slim_cls is None or type(module) not in slim_cls.__bases__:
+            continue  # only the exact class a Slim* layer was made from (a subclass keeps its own type)
+        slim = copy.deepcopy(module)
+        slim.__class__ = slim_cls
+        slim.init_groups()
+        if name in set_of_producer:
+            slim.channel_set = set_of_producer[name].name
+            slim.out_group.copy_(producer_channel_groups(dg, set_of_producer[name], name))
         gm.set_submodule(name, slim)
     gm.recompile()
     return gm
-
-
-def _clone_as(module: nn.Module, cls: type) -> nn.Module:
-    slim = copy.deepcopy(module)
-    slim.__class__ = cls
-    if hasattr(cls, "init_groups"):
-        slim.init_groups(getattr(module, "out_channels", None) or module.out_features)
-    if hasattr(cls, "init_statistics"):
-        slim.init_statistics()
-    return slim
-
-
-def _record_groups(dg: DynGraph, layer: nn.Module, name: str, channel_set) -> None:
-    node = next(n for n in dg.gm.graph.nodes if n.op == "call_module" and n.target == name)
-    labels = node.meta[LABELS]
-    dim = labels.dim() - 1 if isinstance(layer, nn.Linear) else 1
-    vec = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)[:, 0].expand(layer.out_group.numel())
-    group_of_class = {c: i for i, g in enumerate(channel_set.groups) for c in g}
-    layer.channel_set = channel_set.name
-    layer.out_group.copy_(torch.tensor([group_of_class.get(int(c), -1) for c in vec]))
 
 
 def convert_to_slimmable(dg: DynGraph) -> fx.GraphModule:

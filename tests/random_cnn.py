@@ -12,7 +12,8 @@ tensors. The head reads the last entry. All branching in `forward` is on Python 
 so the models are symbolically traceable by torch.fx (no fallback needed).
 
 Blocks (``KINDS``): conv(+BN)(+act), depthwise conv, grouped conv, residual (identity / 1x1 conv+BN projection),
-inverted residual (MBConv, optional SE), add of two same-shape entries, concat of two same-resolution entries,
+inverted residual (MBConv, optional SE), transposed-conv upsampling (×2, optionally grouped, +BN), add of two
+same-shape entries, concat of two same-resolution entries,
 chunk(2), torch.split with constant sizes (list or int), slicing / narrow, channel shuffle (view/transpose/view
 with sizes from ``x.size()`` or constants, permute+flatten, F.channel_shuffle, nn.ChannelShuffle), SE gate,
 index_select with a constant index buffer (permutation, subset, duplicates), activations (relu, relu6,
@@ -35,8 +36,8 @@ from torch import nn
 __all__ = ["KINDS", "cnn_specs", "build_model", "RandomCNN"]
 
 ACTS = ("relu", "relu6", "hardswish", "silu", "leaky_relu")
-KINDS = ("conv", "dw", "gconv", "res", "mbconv", "add", "cat", "chunk", "split", "slice", "shuffle", "se", "perm",
-         "act", "dropout", "pool", "scale", "bn")
+KINDS = ("conv", "dw", "gconv", "res", "mbconv", "up", "add", "cat", "chunk", "split", "slice", "shuffle", "se",
+         "perm", "act", "dropout", "pool", "scale", "bn")
 MAX_CAT = 48  # widest concat output
 MAX_MID = 64  # widest inverted-residual expansion
 
@@ -102,6 +103,19 @@ class Conv(Block):
 
     def forward(self, x):
         return self.body(x)
+
+
+class Up(Block):
+    """Decoder-style upsampling: ConvTranspose2d with stride 2 (weight [in, out/groups, k, k]), then BN."""
+
+    def __init__(self, p, c):
+        super().__init__()
+        self.srcs = (p["src"],)
+        self.up = nn.ConvTranspose2d(c, p["out"], p["k"], 2, (p["k"] - 2) // 2, groups=p["groups"], bias=p["bias"])
+        self.bn = nn.BatchNorm2d(p["out"])
+
+    def forward(self, x):
+        return self.bn(self.up(x))
 
 
 class Residual(Block):
@@ -329,7 +343,7 @@ class BN(Block):
         return self.bn(x)
 
 
-BLOCKS = {"conv": Conv, "dw": Conv, "gconv": Conv, "res": Residual, "mbconv": MBConv, "add": Add, "cat": Cat,
+BLOCKS = {"conv": Conv, "dw": Conv, "gconv": Conv, "res": Residual, "mbconv": MBConv, "up": Up, "add": Add, "cat": Cat,
           "chunk": Chunk, "split": Split, "slice": Slice, "shuffle": Shuffle, "se": SEBlock, "perm": Perm,
           "act": ActBlock, "dropout": Dropout, "pool": Pool, "scale": Scale, "bn": BN}
 
@@ -411,7 +425,7 @@ def randomise(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.5 / math.sqrt(fan_in)))
                 if m.bias is not None:
@@ -452,6 +466,8 @@ def _applicable(kind: str, src: int, shapes: list[tuple[int, int]]) -> bool:
         return bool(_divisors(c, (2, 3, 4)))
     if kind == "gconv":
         return bool(_divisors(c, (2, 3, 4, 6, 8)))
+    if kind == "up":
+        return hw <= 8  # maps stay at most 16x16
     return True
 
 
@@ -491,6 +507,11 @@ def _block(draw, kind: str, src: int, shapes: list[tuple[int, int]]) -> dict:
         p.update(out=out, k=k, stride=stride, groups=groups, bias=draw(st.booleans()), bn=draw(st.booleans()),
                  act=draw(maybe_act), style=draw(style_ma), inplace=draw(st.booleans()))
         p["outs"] = [(out, _half(hw, stride))]
+    elif kind == "up":
+        groups = draw(st.sampled_from([1] + _divisors(c, (2, 4))))
+        out = groups * draw(st.integers(max(1, 4 // groups), max(1, 24 // groups)))
+        p.update(out=out, k=draw(st.sampled_from([2, 4])), groups=groups, bias=draw(st.booleans()))
+        p["outs"] = [(out, 2 * hw)]
     elif kind == "res":
         stride = _stride(draw, hw)
         out = c if draw(st.booleans()) else draw(st.integers(4, 32))

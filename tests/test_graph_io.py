@@ -384,6 +384,21 @@ def test_unstorable_argument_is_refused_naming_the_node(tmp_path):
         save_graph_module(fx.GraphModule(nn.Module(), graph), tmp_path)
 
 
+def test_removed_slim_batchnorm_loads_as_plain_batchnorm(tmp_path):
+    """Graphs naming dyncompile's removed SlimBatchNorm2d (switchable statistics) load as torch BatchNorm2d."""
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    gm = fx.symbolic_trace(model)
+    save_graph_module(gm, tmp_path)
+    doc = json.loads((tmp_path / "graph.json").read_text())
+    assert doc["modules"]["1"]["class"] == "torch.nn.modules.batchnorm:BatchNorm2d"
+    doc["modules"]["1"]["class"] = "dyncompile.layers:SlimBatchNorm2d"
+    (tmp_path / "graph.json").write_text(json.dumps(doc))
+    loaded = load_graph_module(tmp_path)
+    assert type(loaded.get_submodule("1")) is nn.BatchNorm2d
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(loaded(x), gm(x))
+
+
 # --------------------------------------------------------------------------- tampering
 
 

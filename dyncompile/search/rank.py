@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dyncompile.ir import LABELS, DynGraph
+from dyncompile.ir import DynGraph
+from dyncompile.layer_rules import layer_rule_for
+from dyncompile.passes.couple import producer_channel_groups
 
 __all__ = ["producer_groups", "NoiseScales", "l1_scores", "group_order", "RANKINGS", "DIRECTIONS"]
 
@@ -27,21 +29,15 @@ DIRECTIONS = ("tolerant-first", "sensitive-first")
 
 
 def producer_groups(dg: DynGraph) -> dict[str, tuple[str, torch.Tensor]]:
-    """Producer layer (module name) → (its set's name, group index of each output channel; -1 = fixed)."""
+    """Producer layer (module name) → (its set's name, group index of each output channel; -1 = fixed).
+
+    Only producers whose weight holds output channels along dim 0 (convs, linears; not transposed convs): the
+    rankings read and perturb each output channel's filter as `weight[c]`."""
     out = {}
-    nodes = {n.target: n for n in dg.gm.graph.nodes if n.op == "call_module"}
     for s in dg.free_sets:
-        group_of_class = {c: i for i, g in enumerate(s.groups) for c in g}
         for producer in s.producers:
-            module = dg.gm.get_submodule(producer)
-            node = nodes.get(producer)
-            if node is None or not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-                continue
-            labels = node.meta[LABELS]
-            dim = labels.dim() - 1 if isinstance(module, nn.Linear) else 1
-            width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            vec = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)[:, 0].expand(width)
-            out[producer] = (s.name, torch.tensor([group_of_class.get(int(c), -1) for c in vec]))
+            if layer_rule_for(dg.gm.get_submodule(producer)).weight_out_dim == 0:
+                out[producer] = (s.name, producer_channel_groups(dg, s, producer))
     return out
 
 

@@ -10,18 +10,8 @@ from torch import nn
 
 from dyncompile.ir import LABELS
 from dyncompile.pipeline import analyse_model
-from dyncompile.verify import verify
 
-WIDTHS = [1.0, 0.75, 0.5, 0.25]
-
-
-def sets_by_producer(dg):
-    return {p: s for s in dg.sets for p in s.producers}
-
-
-def assert_verifies(dg):
-    for r in verify(dg, WIDTHS):
-        assert r.ok, (r.width, r.problems)
+from tests.passes.checks import assert_verifies, sets_by_producer
 
 
 class TwoGroupShuffle(nn.Module):

@@ -1,0 +1,330 @@
+"""Everything dyncompile knows about one layer type, in one place: a registry of `LayerRule`s.
+
+A rule answers, for one `nn.Module` class, the questions every pass asks about a layer:
+
+- `couple(analysis, node, module, value)`: how the layer moves channels in the coupling analysis
+  (`passes/couple.py`): which channels it produces, which it ties together, which it cannot drop;
+- `extract(module, in_idx, out_idx)`: the layer cut down to the kept input/output channels (`passes/extract.py`);
+- `channel_dim`: the dim of its input and output tensors that holds channels (Linear: -1; convs, norms: 1);
+  `weight_out_dim`: the weight dim holding its output channels, where there is one (the search ranks by it);
+- `slim_class`: its slimmable form in the converted model (`passes/rewrite.py`), if it has one.
+
+`layer_rule_for(module)` walks the module's class hierarchy (MRO) for a registered class, but only up to the
+class whose `forward` the module runs: a subclass with its own forward (timm's Conv2dSame) computes something
+else than the layer the rule describes, so it stays opaque (its channels are kept whole) until a rule is
+registered for the subclass itself. Activations, pooling and rearrangements are not layer rules: they are the
+op handlers of `passes/couple.py`.
+
+Adding a layer type is one registration. A user conv with its own weight, forward and a per-channel scale::
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from dyncompile.layer_rules import ConvRule, register_layer_rule
+    from dyncompile.pipeline import analyse_model
+
+    class ScaledConv2d(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.in_channels, self.out_channels, self.groups = cin, cout, 1
+            self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3))
+            self.bias = None
+            self.scale = nn.Parameter(torch.ones(cout))
+
+        def forward(self, x):
+            return F.conv2d(x, self.weight, padding=1) * self.scale[:, None, None]
+
+    class ScaledConvRule(ConvRule):  # a conv's coupling and cut, plus the scale of each output channel
+        def extract(self, module, in_idx, out_idx):
+            new = super().extract(module, in_idx, out_idx)
+            new.scale = nn.Parameter(module.scale.detach()[out_idx].clone())
+            return new
+
+    register_layer_rule(ScaledConv2d, ScaledConvRule())
+    model = nn.Sequential(ScaledConv2d(3, 8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    dg = analyse_model(model, (1, 3, 8, 8), groups=4, leaf_modules=("0",))  # a leaf: fx keeps it one call
+    assert dg.sets[0].free  # without the rule its 8 channels would be fixed
+
+`dyncompile.verify.verify(dg, [1.0, 0.5])` then checks the rule: full width exact, every extracted sub-net equal
+to the masked model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dyncompile.layers import (SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
+                               SlimConvTranspose3d, SlimLinear)
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from dyncompile.passes.couple import CouplingAnalysis
+
+__all__ = ["LayerRule", "ProducerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "ChannelwiseRule",
+           "GroupNormRule", "PReLURule", "register_layer_rule", "unregister_layer_rule", "layer_rule_for",
+           "has_torch_forward"]
+
+
+class LayerRule:
+    """How one layer type moves channels. Subclass it (or one of the rules below) for a new layer type."""
+
+    channel_dim: int = 1  # the channel dim of the layer's input and output tensors
+    weight_out_dim: int | None = None  # the dim of `module.weight` holding output channels, if a single one does
+    slim_class: type[nn.Module] | None = None  # its slimmable form in the converted model
+
+    def applies_to(self, module: nn.Module) -> bool:
+        """False for an instance that moves no channels (a one-weight PReLU): it is handled as an element-wise op."""
+        return True
+
+    def couple(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        """Tie what must move together (`a.tie_all`) and return the labels of the layer's output."""
+        raise NotImplementedError
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        """A copy of `module` keeping input channels `in_idx` and output channels `out_idx` (in order)."""
+        raise NotImplementedError
+
+
+class ProducerRule(LayerRule):
+    """Every output channel is new (linear, conv): each gets a fresh channel atom; the input is consumed whole
+    along `channel_dim` (channels varying along another dim are fixed)."""
+
+    def __init__(self, channel_dim: int = 1, kind: str = "layer", slim_class: type[nn.Module] | None = None):
+        self.channel_dim, self.slim_class = channel_dim, slim_class
+        self.kind = kind  # how messages name the layer
+
+    def couple(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        _, inputs = a.input_channels(node, self.channel_dim, f"{self.kind} '{node.target}' input")
+        outputs = a.new_channels(node, value.shape[self.channel_dim])
+        self.tie(a, node, module, inputs, outputs)
+        return a.channels_along(outputs, self.channel_dim, value.dim())
+
+    def tie(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, inputs: torch.Tensor,
+            outputs: torch.Tensor) -> None:
+        """Ties between input and output channels (none: every output reads every input)."""
+
+
+class LinearRule(ProducerRule):
+    """nn.Linear: channels are the last dim; weight [out, in]."""
+
+    weight_out_dim = 0
+
+    def __init__(self) -> None:
+        super().__init__(channel_dim=-1, kind="linear", slim_class=SlimLinear)
+
+    def extract(self, module: nn.Linear, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Linear:
+        new = _plain_copy(module)
+        new.in_features, new.out_features = len(in_idx), len(out_idx)
+        new.weight = nn.Parameter(module.weight.detach()[out_idx][:, in_idx].clone())
+        _slice_bias(module, new, out_idx)
+        return new
+
+
+class ConvRule(ProducerRule):
+    """nn.Conv1d/2d/3d (and convs alike: `in_channels`, `out_channels`, `groups`, weight [out, in/groups, k…]).
+
+    A grouped conv ties its groups: per conv-group, inputs and outputs move together ("group" mode), or the same
+    position in every group moves together ("position" mode, `a.grouped_conv_mode`)."""
+
+    weight_out_dim = 0
+
+    def __init__(self, slim_class: type[nn.Module] | None = None, kind: str = "conv"):
+        super().__init__(channel_dim=1, kind=kind, slim_class=slim_class)
+
+    def tie(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, inputs: torch.Tensor,
+            outputs: torch.Tensor) -> None:
+        g = module.groups
+        if g == 1:
+            return
+        in_pg, out_pg = len(inputs) // g, len(outputs) // g
+        if in_pg == 1 or a.grouped_conv_mode == "group":
+            for k in range(g):
+                a.tie_all(torch.cat([inputs[k * in_pg:(k + 1) * in_pg], outputs[k * out_pg:(k + 1) * out_pg]]), node,
+                          f"conv-group {k} of grouped {self.kind} '{node.target}' (in and out move together)")
+        else:
+            where = f"grouped {self.kind} '{node.target}'"
+            for j in range(in_pg):
+                a.tie_all(inputs[j::in_pg], node, f"{where}: input position {j} in every group")
+            for j in range(out_pg):
+                a.tie_all(outputs[j::out_pg], node, f"{where}: output position {j} in every group")
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        positions, groups = _grouped_cut(out_idx, in_idx, module.out_channels, module.in_channels, module.groups)
+        return self._cut(module, in_idx, out_idx, module.weight.detach()[out_idx][:, positions], groups)
+
+    def _cut(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor, weight: torch.Tensor,
+             groups: int) -> nn.Module:
+        new = _plain_copy(module)
+        new.in_channels, new.out_channels, new.groups = len(in_idx), len(out_idx), groups
+        new.weight = nn.Parameter(weight.clone())
+        _slice_bias(module, new, out_idx)
+        return new
+
+
+class ConvTransposeRule(ConvRule):
+    """nn.ConvTranspose1d/2d/3d: a producer of `out_channels` like a conv (grouped ones tie alike), but the
+    weight is [in, out/groups, k…]: no single weight dim holds the output channels when grouped."""
+
+    weight_out_dim = None
+
+    def __init__(self, slim_class: type[nn.Module] | None = None):
+        super().__init__(slim_class=slim_class, kind="transposed conv")
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        positions, groups = _grouped_cut(in_idx, out_idx, module.in_channels, module.out_channels, module.groups)
+        return self._cut(module, in_idx, out_idx, module.weight.detach()[in_idx][:, positions], groups)
+
+
+class ChannelwiseRule(LayerRule):
+    """A per-channel layer (BatchNorm, InstanceNorm, PReLU): channels pass through along dim 1, and every
+    per-channel parameter and buffer is cut to the kept ones."""
+
+    def __init__(self, count_attr: str = "num_features"):
+        self.count_attr = count_attr  # the attribute holding the channel count
+
+    def couple(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        labels, _ = a.input_channels(node, self.channel_dim, a.describe(node))
+        return labels
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        new = _plain_copy(module)
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dim() >= 1 and p.shape[0] > 1:
+                setattr(new, name, nn.Parameter(p.detach()[in_idx].clone(), p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.dim() >= 1 and b.shape[0] > 1:
+                setattr(new, name, b[in_idx].clone())
+        setattr(new, self.count_attr, len(in_idx))
+        return new
+
+
+class GroupNormRule(ChannelwiseRule):
+    """nn.GroupNorm: each group of `num_channels / num_groups` channels is normalised together, so it moves
+    together; a cut keeps whole groups."""
+
+    def __init__(self) -> None:
+        super().__init__("num_channels")
+
+    def couple(self, a: CouplingAnalysis, node: fx.Node, module: nn.GroupNorm, value: torch.Tensor) -> torch.Tensor:
+        labels, channels = a.input_channels(node, self.channel_dim, a.describe(node))
+        per = module.num_channels // module.num_groups
+        for k in range(module.num_groups):
+            a.tie_all(channels[k * per:(k + 1) * per], node,
+                      f"group {k} of GroupNorm '{node.target}' is normalised together")
+        return a.roots(labels)
+
+    def extract(self, module: nn.GroupNorm, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.GroupNorm:
+        new = super().extract(module, in_idx, out_idx)
+        new.num_groups = len(in_idx) // (module.num_channels // module.num_groups)
+        return new
+
+
+class PReLURule(ChannelwiseRule):
+    """nn.PReLU: one weight per channel; with a single weight it is an element-wise activation (no rule)."""
+
+    def __init__(self) -> None:
+        super().__init__("num_parameters")
+
+    def applies_to(self, module: nn.PReLU) -> bool:
+        return module.num_parameters > 1
+
+
+# ───────────────────────────── the registry ─────────────────────────────
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_layer_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
+    """Use `rule` for `module_type` and its subclasses that keep its forward (replaces an earlier rule)."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer_rule expects an nn.Module subclass, got {module_type!r}")
+    if not isinstance(rule, LayerRule):
+        raise TypeError(f"register_layer_rule expects a LayerRule, got {rule!r}")
+    _RULES[module_type] = rule
+
+
+def unregister_layer_rule(module_type: type[nn.Module]) -> None:
+    """Forget the rule registered for exactly `module_type` (its layers become opaque again)."""
+    _RULES.pop(module_type, None)
+
+
+def layer_rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule of the nearest registered class in `module`'s MRO whose forward the module runs, if any."""
+    mro = type(module).__mro__
+    for cls in mro[:_forward_owner(mro) + 1]:
+        rule = _RULES.get(cls)
+        if rule is not None:
+            return rule if rule.applies_to(module) else None
+    return None
+
+
+def has_torch_forward(m: nn.Module) -> bool:
+    """True when the module runs torch.nn's own forward (dyncompile's Slim* layers keep it)."""
+    mro = type(m).__mro__
+    return mro[_forward_owner(mro)].__module__.startswith("torch.nn.")
+
+
+def _forward_owner(mro: tuple[type, ...]) -> int:
+    """Index in `mro` of the class whose `forward` runs."""
+    return next((i for i, cls in enumerate(mro) if "forward" in cls.__dict__), len(mro) - 1)
+
+
+for _conv, _slim in ((nn.Conv1d, SlimConv1d), (nn.Conv2d, SlimConv2d), (nn.Conv3d, SlimConv3d)):
+    register_layer_rule(_conv, ConvRule(_slim))
+for _conv, _slim in ((nn.ConvTranspose1d, SlimConvTranspose1d), (nn.ConvTranspose2d, SlimConvTranspose2d),
+                     (nn.ConvTranspose3d, SlimConvTranspose3d)):
+    register_layer_rule(_conv, ConvTransposeRule(_slim))
+register_layer_rule(nn.Linear, LinearRule())
+for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    register_layer_rule(_norm, ChannelwiseRule())
+register_layer_rule(nn.GroupNorm, GroupNormRule())
+register_layer_rule(nn.PReLU, PReLURule())
+
+
+# ───────────────────────────── cutting helpers ─────────────────────────────
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A copy with the class an extracted network carries: a layer running torch.nn's forward (a Slim* layer
+    included) becomes its torch.nn class; a registered layer with its own forward keeps its class."""
+    new = copy.deepcopy(module)
+    if has_torch_forward(module):
+        new.__class__ = next(cls for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn"))
+    return new
+
+
+def _slice_bias(module: nn.Module, new: nn.Module, out_idx: torch.Tensor) -> None:
+    if getattr(module, "bias", None) is not None:
+        new.bias = nn.Parameter(module.bias.detach()[out_idx].clone())
+
+
+def _grouped_cut(major_idx: torch.Tensor, minor_idx: torch.Tensor, major: int, minor: int,
+                 groups: int) -> tuple[torch.Tensor, int]:
+    """The cut of a (transposed) conv weight [major, minor/groups, k…]: (kept positions inside a group along the
+    minor dim, groups kept). Every kept group must keep the same minor positions and as many major channels."""
+    major_pg, minor_pg = major // groups, minor // groups
+    if groups == 1:
+        return minor_idx, 1
+    kept_groups = (major_idx // major_pg).unique()
+    positions = None
+    for k in kept_groups.tolist():
+        local = minor_idx[(minor_idx >= k * minor_pg) & (minor_idx < (k + 1) * minor_pg)] - k * minor_pg
+        if positions is not None and not torch.equal(local, positions):
+            raise _cut_error("grouped conv keeps different positions in different groups")
+        positions = local
+    if not torch.equal((kept_groups[:, None] * minor_pg + positions[None, :]).flatten(), minor_idx):
+        raise _cut_error("grouped conv channels do not match its kept groups")
+    counts = torch.bincount(major_idx // major_pg, minlength=groups)[kept_groups]
+    if not bool((counts == counts[0]).all()):
+        raise _cut_error("grouped conv keeps different channel counts per group")
+    return positions, len(kept_groups)
+
+
+def _cut_error(why: str) -> Exception:
+    from dyncompile.passes.extract import ExtractionError  # extract imports this module: resolved when needed
+
+    return ExtractionError(why)
+
