@@ -39,3 +39,7 @@ class WriteError(DyncompileError):
 
 class InternalError(Exception):
     """An invariant of dyncompile's own analysis was broken: a bug to report, never the user's input (exit 3)."""
+
+
+class ExtractionError(InternalError):
+    """A sub-net cannot be cut out (an analysis invariant was broken): a bug, never the user's fault."""

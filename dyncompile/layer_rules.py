@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dyncompile.errors import ExtractionError
 from dyncompile.layers import (SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
                                SlimConvTranspose3d, SlimLinear)
 
@@ -313,18 +314,12 @@ def _grouped_cut(major_idx: torch.Tensor, minor_idx: torch.Tensor, major: int, m
     for k in kept_groups.tolist():
         local = minor_idx[(minor_idx >= k * minor_pg) & (minor_idx < (k + 1) * minor_pg)] - k * minor_pg
         if positions is not None and not torch.equal(local, positions):
-            raise _cut_error("grouped conv keeps different positions in different groups")
+            raise ExtractionError("grouped conv keeps different positions in different groups")
         positions = local
     if not torch.equal((kept_groups[:, None] * minor_pg + positions[None, :]).flatten(), minor_idx):
-        raise _cut_error("grouped conv channels do not match its kept groups")
+        raise ExtractionError("grouped conv channels do not match its kept groups")
     counts = torch.bincount(major_idx // major_pg, minlength=groups)[kept_groups]
     if not bool((counts == counts[0]).all()):
-        raise _cut_error("grouped conv keeps different channel counts per group")
+        raise ExtractionError("grouped conv keeps different channel counts per group")
     return positions, len(kept_groups)
-
-
-def _cut_error(why: str) -> Exception:
-    from dyncompile.passes.extract import ExtractionError  # extract imports this module: resolved when needed
-
-    return ExtractionError(why)
 

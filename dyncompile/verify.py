@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dyncompile.ir import DynGraph, uniform_config
+from dyncompile.layer_rules import ProducerRule, layer_rule_for
 from dyncompile.layers import ChannelMask
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_subnet
@@ -71,8 +72,9 @@ def _scale(y: torch.Tensor) -> float:
 
 
 def _conv_channels(model: nn.Module) -> int:
+    """Output channels of every producer layer (the layer rules say which layers produce channels)."""
     return sum(getattr(m, "out_channels", 0) or getattr(m, "out_features", 0)
-               for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)))
+               for m in model.modules() if isinstance(layer_rule_for(m), ProducerRule))
 
 
 def _verify_width(dg: DynGraph, width: float, config: dict, masked, weights, x64: torch.Tensor,

@@ -18,15 +18,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dyncompile.errors import DyncompileError
+from dyncompile.errors import ExtractionError
 from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
 from dyncompile.layer_rules import layer_rule_for
 
 __all__ = ["extract_subnet", "extract_with_indices", "index_probe", "slice_indices", "ExtractionError"]
-
-
-class ExtractionError(DyncompileError):
-    """The sub-net cannot be cut out (an analysis invariant was broken): a bug, never the user's fault."""
 
 
 Kept = tuple[int, torch.Tensor] | None  # (dim, kept indices) or None when nothing is dropped

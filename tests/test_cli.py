@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from dyncompile.cli import app
+from dyncompile.errors import ConfigError, ExtractionError, InternalError
 from tests.cli_assertions import assert_one_line_error
 
 FACTORY = "dyncompile.zoo.resnet:resnet20_cifar"
@@ -171,3 +172,25 @@ def test_untraceable_model_names_line_and_leaf(tmp_path, monkeypatch):
     assert any("module 'gate'" in why for why in report["fixed_reasons"])  # the opaque module stays full width
     checked = run("verify", "--json", "--widths", "1.0,0.5")  # the workspace rebuilds the leaf from the factory
     assert checked.exit_code == 0, checked.output
+
+
+@pytest.mark.parametrize("error, code, fragment", [
+    (ConfigError("widths must be in (0, 1]"), 2, "error: widths must be in (0, 1]"),
+    (ExtractionError("labels vary along dims [1, 2]"), 3, "internal error: ExtractionError"),
+    (InternalError("a broken invariant"), 3, "internal error: InternalError"),
+])
+def test_user_mistakes_exit_2_and_dyncompile_bugs_exit_3(workspace, monkeypatch, error, code, fragment):
+    """An analysis invariant broken (ExtractionError) is a bug to report, not the user's input: exit 3."""
+    import dyncompile.verify
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(dyncompile.verify, "verify", broken)
+    result = run("verify", "-w", str(workspace), "--widths", "0.5")
+    assert result.exit_code == code, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(fragment), result.stderr
+    assert "Traceback" not in result.output
+    if code == 3:
+        assert "a dyncompile bug" in result.stderr
