@@ -40,7 +40,7 @@ import numpy as np
 
 import dyncompile
 from dyncompile.errors import DyncompileError
-from dyncompile.fileio import check_checksums, fsync_path, sha256_file, write_atomic, write_errors
+from dyncompile.fileio import check_checksums, fsync_path, read_json, sha256_file, write_atomic, write_errors
 from dyncompile.targets import get_target
 
 __all__ = ["DeployableError", "ParamSlice", "DeployedSubnet", "TargetFacts", "InputSpec", "TensorSpec", "WeightsFile",
@@ -419,10 +419,7 @@ def read_manifest(path: str | Path, *, verify_files: bool = True) -> Manifest:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise DeployableError(f"no deployable at '{path}' (no {MANIFEST}); run `dyncompile build` first")
-    try:
-        raw = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeployableError(f"'{manifest_path}' is not valid JSON ({exc}); rebuild the deployable") from None
+    raw = read_json(manifest_path, DeployableError, "rebuild the deployable")
     if not isinstance(raw, dict) or raw.get("kind") != KIND:
         raise DeployableError(f"'{manifest_path}' is not a dyncompile deployable manifest")
     if raw.get("format") != FORMAT_VERSION:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ from typing import BinaryIO
 
 from dyncompile.errors import WriteError
 
-__all__ = ["sha256_file", "check_checksums", "write_errors", "fsync_path", "replace_durably", "write_atomic",
+__all__ = ["read_json", "sha256_file", "check_checksums", "write_errors", "fsync_path", "replace_durably", "write_atomic",
            "write_atomic_with"]
 
 
@@ -91,3 +92,11 @@ def write_atomic_with(path: str | Path, write: Callable[[BinaryIO], None]) -> No
 def write_atomic(path: str | Path, data: bytes) -> None:
     """`write_atomic_with` for bytes already in memory."""
     write_atomic_with(path, lambda f: f.write(data))
+
+
+def read_json(path: Path, error: type[Exception], redo: str) -> object:
+    """The JSON in `path`; `error` (one line that ends with `redo`, what recreates the file) if it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"'{path}' is not valid JSON ({exc}); {redo}") from None

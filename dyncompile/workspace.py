@@ -27,7 +27,7 @@ import torch
 
 import dyncompile
 from dyncompile.errors import WorkspaceError
-from dyncompile.fileio import check_checksums, replace_durably, sha256_file as _sha256, write_errors
+from dyncompile.fileio import check_checksums, read_json, replace_durably, sha256_file as _sha256, write_errors
 from dyncompile.graph_io import is_safe_module, load_graph_module, save_graph_module
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, import_factory
@@ -126,10 +126,7 @@ def read_spec(path: str | Path) -> dict:
     if not spec_path.is_file():
         hint = "run `dyncompile convert MODEL` first" if not path.exists() else "it was not made by `dyncompile convert`"
         raise WorkspaceError(f"no workspace at '{path}' ({hint}); or pass --workspace DIR")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorkspaceError(f"'{spec_path}' is not valid JSON ({exc}); re-run `dyncompile convert`") from None
+    spec = read_json(spec_path, WorkspaceError, "re-run `dyncompile convert`")
     if not isinstance(spec, dict) or spec.get("format") != FORMAT_VERSION:
         raise WorkspaceError(f"'{spec_path}' has an unknown format; re-run `dyncompile convert` with this version")
     check_checksums(path, spec.get("files", {}), WorkspaceError,
