@@ -21,10 +21,10 @@ from dyncompile.errors import ConfigError
 from dyncompile.measure import count_macs
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.pipeline import analyse_model
-from dyncompile.targets import UnknownTargetError, get_target, known_targets
+from dyncompile.targets import UnknownTargetError, cpu, get_target, known_targets
 from dyncompile.targets.pipeline import entry_module, prepare
 from dyncompile.targets.relax_import import import_subnet
-from dyncompile.targets.tuning import by_tuning_value, next_round_size
+from dyncompile.targets.tuning import by_tuning_value, next_round_size, tune
 from dyncompile.zoo import ZOO
 from dyncompile.zoo import build as build_zoo_model
 
@@ -380,6 +380,45 @@ def test_tuning_is_applied_and_the_database_reused(tmp_path):
     with torch.no_grad():
         expected = extract_subnet(dg, subnets["w50"]).eval()(x)
     assert torch.allclose(runtime.load(out).run(x, subnet="w50"), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_each_kernel_reaches_the_database_before_the_next_is_built(tmp_path):
+    """MetaSchedule commits a task's records when it joins the task; tuned together, every task is joined only
+    after all were built and measured, so a kill lost everything. Kernel by kernel, the first kernel's records
+    (and the ledger) are on disk before a second kernel's candidates are built. ~1 min on 2 cores."""
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    dg = _two_conv_net(16)
+    func, _ = import_subnet(dg, "w50", uniform_subnets(dg)["w50"])
+    target = cpu.tvm_target()
+    mod = prepare(tvm.IRModule({"w50": func}), target)
+    inner = cpu.tuning_builder()
+    batches = []
+
+    @derived_object
+    class CountingBuilder(ms.builder.PyBuilder):
+        def build(self, build_inputs):
+            batches.append(len(build_inputs))
+            return inner.build(build_inputs)
+
+    records = tmp_path / "database_tuning_record.json"
+    seen_at_first_join = []
+
+    def progress(stage: str, message: str) -> None:
+        if stage == "tune" and "trials (" in message and not seen_at_first_join:
+            lines = [ln for ln in records.read_text().splitlines() if ln.strip()] if records.is_file() else []
+            seen_at_first_join.append((len(batches), len(lines), (tmp_path / "tasks.json").is_file()))
+
+    try:
+        report = tune(mod, ["w50"], target, "cpu", tmp_path, 2, builder=CountingBuilder(), progress=progress)
+    finally:
+        inner.close()
+    assert report.tuned == report.tasks >= 3 and len(batches) >= report.tasks
+    built, committed, ledger_written = seen_at_first_join[0]
+    assert built == 1 and committed >= 1 and ledger_written, seen_at_first_join
 
 
 @pytest.mark.slow
