@@ -29,10 +29,21 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.subnet_choice import subnets_from_workspace, workspace_facts
 from dyncompile.workspace import load_workspace
 
-__all__ = ["ENGINES", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
+__all__ = ["ENGINES", "default_compare", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
            "bench_deployable"]
 
 ENGINES = ("onnxruntime", "torch")  # what --compare accepts
+
+
+def default_compare(rpc: str | None = None) -> tuple[str, ...]:
+    """What `bench` compares with unless told: ONNX Runtime, the engine a user would otherwise deploy, when it is
+    installed (the `bench` extra) and the deployable runs here; nothing for a board (two machines' timings do not
+    compare)."""
+    import importlib.util
+
+    if rpc or not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
+        return ()
+    return ("onnxruntime",)
 
 
 @dataclass

@@ -114,6 +114,8 @@ class DeployedSubnet:
     output_shape: tuple[int, ...]
     output_dtype: str
     parameters: tuple[ParamSlice, ...]  # the inputs of `transform_function` (or of `function`), in order
+    # the same sub-net in other engines (ONNX Runtime, eager PyTorch), ms, timed in the same run as latency_ms
+    peer_latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_build(cls, s: Any, accuracy: float | None) -> DeployedSubnet:
@@ -128,7 +130,7 @@ class DeployedSubnet:
                 "accuracy": self.accuracy, "kernels": self.kernels, "tuned_kernels": self.tuned_kernels,
                 "embedded_bytes": self.embedded_bytes,
                 "output": {"shape": list(self.output_shape), "dtype": self.output_dtype},
-                "parameters": [p.to_json() for p in self.parameters]}
+                "parameters": [p.to_json() for p in self.parameters], "peer_latency_ms": dict(self.peer_latency_ms)}
 
     @classmethod
     def from_json(cls, d: dict) -> DeployedSubnet:
@@ -136,7 +138,8 @@ class DeployedSubnet:
                    int(d["params"]), d.get("latency_ms"), d.get("accuracy"), int(d.get("kernels", 0)),
                    int(d.get("tuned_kernels", 0)), int(d.get("embedded_bytes", 0)),
                    tuple(d["output"]["shape"]), d["output"]["dtype"],
-                   tuple(ParamSlice.from_json(p) for p in d["parameters"]))
+                   tuple(ParamSlice.from_json(p) for p in d["parameters"]),
+                   {str(k): float(v) for k, v in (d.get("peer_latency_ms") or {}).items()})
 
 
 @dataclass(frozen=True)
@@ -441,10 +444,12 @@ def read_manifest(path: str | Path, *, verify_files: bool = True) -> Manifest:
     return manifest
 
 
-def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict | None = None) -> Manifest:
+def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict | None = None,
+                     peers: dict[str, dict[str, float]] | None = None) -> Manifest:
     """Store measured latencies (ms, per sub-net name) in the manifest, atomically; returns the new manifest.
 
-    `how`: how they were measured (device, batch, repeats, statistic), recorded once for all of them.
+    `how`: how they were measured (device, batch, repeats, statistic), recorded once for all of them. `peers`:
+    per sub-net, the other engines' latencies from the same run (replacing earlier ones: a new run, new peers).
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -458,7 +463,8 @@ def record_latencies(path: str | Path, latencies: dict[str, float], *, how: dict
             value = float(latencies[s.name])
             if not value > 0:
                 raise DeployableError(f"latency of '{s.name}' must be positive, got {value}")
-            s = dataclasses.replace(s, latency_ms=value)
+            s = dataclasses.replace(s, latency_ms=value,
+                                    peer_latency_ms={e: float(ms) for e, ms in (peers or {}).get(s.name, {}).items()})
         subnets.append(s)
     manifest = dataclasses.replace(manifest, subnets=tuple(subnets), latency=how or manifest.latency or {})
     with write_errors(path / MANIFEST, "the deployable is unchanged"):

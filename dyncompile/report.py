@@ -638,8 +638,7 @@ def _section_deploy(data: dict, figure: str, accuracy_of, missing: list[str]) ->
         subnets = sorted(d["subnets"], key=lambda s: -s.get("macs", 0))
         timed = [s for s in subnets if s.get("latency_ms")]
         largest = max(timed, key=lambda s: s.get("macs", 0)) if timed else None
-        extra = sorted({k for s in subnets for k, v in s.items()
-                        if k.endswith("_ms") and k != "latency_ms" and isinstance(v, (int, float))})
+        peers = sorted({e for s in subnets for e in (s.get("peer_latency_ms") or {})})
         rows = []
         for s in subnets:
             lat = s.get("latency_ms")
@@ -650,9 +649,10 @@ def _section_deploy(data: dict, figure: str, accuracy_of, missing: list[str]) ->
                          f"{100 * s['macs'] / full_macs:.1f}%" if full_macs and s.get("macs") else "—",
                          _fmt_num(s.get("params")), _fmt_acc(accuracy_of(d, s)),
                          "—" if not lat else f"<b>{lat:.3f}</b>", rel_lat, rel_macs, tuned,
-                         *[_fmt_num(s.get(k), 4) for k in extra]])
+                         *[c for e in peers for c in _peer_cells(lat, (s.get("peer_latency_ms") or {}).get(e))]])
         parts.append(_table(["sub-net", "MMACs", "MACs", "params", "accuracy", "latency (ms)", "latency ÷ largest",
-                             "MACs ÷ largest", "tuned kernels", *[_e(k) for k in extra]], rows))
+                             "MACs ÷ largest", "tuned kernels",
+                             *[h for e in peers for h in (f"{_e(e)} (ms)", f"latency ÷ {_e(e)}")]], rows))
         how = d.get("latency") or {}
         if timed and how:
             parts.append(f'<p class="hint">latency measured with: '
@@ -663,6 +663,15 @@ def _section_deploy(data: dict, figure: str, accuracy_of, missing: list[str]) ->
             missing.append(line)
             parts.append(_note(line))
     return "".join(parts) + "</section>"
+
+
+def _peer_cells(latency: float | None, peer: float | None) -> tuple[str, str]:
+    """Another engine's latency for the same sub-net (same bench run) and how the deployable compares: under 1 is
+    faster than that engine."""
+    if not peer:
+        return "—", "—"
+    ratio = f"{latency / peer:.2f}" if latency else "—"
+    return f"{peer:.3f}", ratio
 
 
 def _section_model(data: dict) -> str:

@@ -113,8 +113,14 @@ def test_build_run_bench_round_trip(workspace, deployable, x_file, tmp_path):
     recorded = json.loads((deployable / MANIFEST).read_text())
     assert {s["name"]: s["latency_ms"] for s in recorded["subnets"]} == {n: r["tvm_ms"] for n, r in rows.items()}
     assert recorded["latency"]["by"] == "dyncompile bench"
+    assert {s["name"]: s["peer_latency_ms"] for s in recorded["subnets"]} == {
+        n: r["compare_ms"] for n, r in rows.items()}  # the peers beside TVM, for the report
     table = run("bench", deployable, "--repeats", "2", "--no-record")
-    assert table.exit_code == 0 and "max err" in table.stdout
+    # ONNX Runtime beside TVM without asking (the bench extra is installed here)
+    assert table.exit_code == 0 and "max err" in table.stdout and "onnxruntime ms" in table.stdout
+    alone = run("bench", deployable, "--compare", "none", "--repeats", "2", "--json")
+    assert alone.exit_code == 0 and all(r["compare_ms"] == {} for r in json.loads(alone.stdout))
+    assert all(s["peer_latency_ms"] == {} for s in json.loads((deployable / MANIFEST).read_text())["subnets"])
 
 
 def test_searched_subnets_keep_their_own_batchnorm_statistics(workspace, x_file, tmp_path):

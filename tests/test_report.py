@@ -15,12 +15,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageStat
 from typer.testing import CliRunner
 
 from dyncompile.cli import app
+from dyncompile.deployable import read_manifest
 from dyncompile.fileio import sha256_file
 from dyncompile.ir import uniform_config
 from dyncompile.measure import count_macs, count_params
@@ -114,6 +116,7 @@ def plain_workspace(tmp_path_factory):
 def full_workspace(tmp_path_factory):
     """A workspace with both searches and a real CPU deployable of two progressive sub-nets, benchmarked."""
     from dyncompile import runtime
+    from dyncompile.bench import interleaved_medians, onnx_runner
     from dyncompile.build import build
     from dyncompile.deployable import record_latencies, write_deployable
 
@@ -134,9 +137,16 @@ def full_workspace(tmp_path_factory):
     out = write_deployable(ws_path / "deploy" / "cpu", built, dg, model=ws.spec["model"],
                            accuracy={s.name: s.accuracy for s in progressive.subnets if s.name in chosen},
                            search=search)
+    # timed as `dyncompile bench` times them: TVM and ONNX Runtime taking turns on the same sub-net
     model = runtime.load(out)
-    latencies = {name: model.latency_ms(name, repeat=10, warmup=2) for name in chosen}
-    record_latencies(out, latencies, how={"device": "cpu", "batch": 1, "repeat": 10, "statistic": "median"})
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    latencies, peers = {}, {}
+    for name, config in chosen.items():
+        medians = interleaved_medians({"tvm": model.prepared(name, x),
+                                       "onnxruntime": onnx_runner(extract_subnet(dg, config).eval(), x)}, repeats=10)
+        latencies[name], peers[name] = medians.pop("tvm"), medians
+    record_latencies(out, latencies, how={"device": "cpu", "batch": 1, "repeat": 10, "statistic": "median"},
+                     peers=peers)
     return ws_path, results, latencies
 
 
@@ -165,6 +175,13 @@ def test_report_shows_subnets_accuracies_widths_history_and_latency(full_workspa
     for name, ms in latencies.items():
         accuracy = _accuracy_text(results["progressive"].subnet(name).accuracy)
         assert re.search(rf"<b>{name}</b>.*?{re.escape(accuracy)}.*?<b>{ms:.3f}</b>", deploy), name
+    # ONNX Runtime beside TVM, from the same bench run: its latency and TVM's ratio to it, in the sub-net's row
+    peers = {s.name: s.peer_latency_ms["onnxruntime"] for s in read_manifest(ws / "deploy" / "cpu").subnets}
+    assert "onnxruntime (ms)" in deploy and "latency ÷ onnxruntime" in deploy
+    for name, ms in latencies.items():
+        row = deploy[deploy.index(f"<b>{name}</b>"):]
+        row = row[:row.index("</tr>")]
+        assert f"{peers[name]:.3f}" in row and f"{ms / peers[name]:.2f}" in row, row
     # history: every stage named, with the fine-tune that the fixture recorded
     for stage in ("ranking", "search step", "fine-tuning", "re-selection", "joint training"):
         assert f"<td>{stage}</td>" in page, stage

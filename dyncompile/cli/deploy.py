@@ -211,7 +211,9 @@ def bench(
     deployable: Annotated[Path, typer.Argument(help="Deployable folder (from dyncompile build).")],
     rpc: RpcOption = None,
     compare: Annotated[str | None, typer.Option("--compare", help="Also time the same sub-nets in these engines, "
-                                                                  "interleaved: onnxruntime,torch.")] = None,
+                                                                  "interleaved: onnxruntime,torch, or none "
+                                                                  "(default: onnxruntime when installed and the "
+                                                                  "deployable runs here).")] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed calls per sub-net and engine (median).")] = 50,
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace the deployable was built "
                                                                              "from (default: the one it "
@@ -220,11 +222,14 @@ def bench(
                                               "selection uses them).")] = True,
     json_output: JsonOption = False,
 ) -> None:
-    """Per sub-net median latency and max error against PyTorch; with --compare, ONNX Runtime and PyTorch too."""
-    from dyncompile.bench import bench_deployable
+    """Per sub-net median latency and max error against PyTorch, beside ONNX Runtime (and PyTorch with --compare)."""
+    from dyncompile.bench import bench_deployable, default_compare
     from dyncompile.deployable import read_manifest, record_latencies
 
-    engines = tuple(e.strip() for e in compare.split(",") if e.strip()) if compare else ()
+    if compare is None:
+        engines = default_compare(rpc)
+    else:
+        engines = tuple(e.strip() for e in compare.split(",") if e.strip() and e.strip() != "none")
     manifest = read_manifest(deployable)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as progress:
@@ -242,7 +247,9 @@ def bench(
         where = f"board at {rpc}" if rpc else "this machine"
         record_latencies(deployable, {r.name: r.tvm_ms for r in rows},
                          how={"where": where, "statistic": "median", "repeats": repeats, "warmup": 3,
-                              "batch": manifest.input.batch_size, "by": "dyncompile bench"})
+                              "batch": manifest.input.batch_size, "by": "dyncompile bench",
+                              "peers": list(engines)},
+                         peers={r.name: r.compare_ms for r in rows})
     if json_output:
         print_json([r.to_json() for r in rows])
         return
