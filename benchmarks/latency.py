@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dyncompile import runtime  # noqa: E402
-from dyncompile.bench import interleaved_medians, onnx_runner, torch_runner  # noqa: E402
+from dyncompile.bench import interleaved_medians, kernel_times, onnx_runner, torch_runner  # noqa: E402
 from dyncompile.build import build, tuning_dir_for, uniform_subnets  # noqa: E402
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.passes.extract import extract_subnet  # noqa: E402
@@ -61,21 +61,7 @@ def _profile(model: runtime.LocalModel, name: str, x: np.ndarray, top: int = 8, 
     for _ in range(calls):
         vm[name](*args)
     wall_us = (time.perf_counter() - start) / calls * 1e6
-    spent: dict[str, float] = {}
-    opened: dict[str, float] = {}
-
-    def instrument(func, symbol, before_run, ret_value, *rest):
-        if before_run:
-            opened[symbol] = time.perf_counter()
-        else:
-            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - opened.pop(symbol)
-        return 0  # VMInstrumentReturnKind.NO_OP
-
-    vm.set_instrument(instrument)
-    for _ in range(calls):
-        vm[name](*args)
-    kernels = sorted(({"kernel": k, "us": v / calls * 1e6} for k, v in spent.items() if not k.startswith("vm.")),
-                     key=lambda r: -r["us"])
+    kernels = [{"kernel": k, "us": us} for k, us in kernel_times(vm, name, args, calls=calls)]
     in_kernels = sum(r["us"] for r in kernels)
     return {"wall_us": wall_us, "kernels_us": in_kernels, "kernels": len(kernels), "top": kernels[:top]}
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dyncompile.bench import interleaved_medians, onnx_runner  # noqa: E402
+from dyncompile.bench import interleaved_medians, kernel_times, onnx_runner  # noqa: E402
 from dyncompile.ir import uniform_config  # noqa: E402
 from dyncompile.passes.extract import extract_subnet  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
@@ -62,25 +62,6 @@ def compiled(dg, name: str, config: dict, prepack: bool, trials: int, workdir: P
     full = {k: v.detach().numpy() for k, v in dg.gm.state_dict().items()}
     raw = [tvm.runtime.tensor(p.cut(full[p.source])) for p in record.parameters]
     return vm, list(vm[name + "_transform_params"](raw)), seconds, record.macs
-
-
-def kernel_profile(vm, name: str, args: list, calls: int = 50) -> list[tuple[float, str]]:
-    """Microseconds per call spent in each kernel (summed over its calls), largest first."""
-    spent: dict[str, float] = {}
-    opened: dict[str, float] = {}
-
-    def instrument(func, symbol, before_run, ret_value, *rest):
-        if before_run:
-            opened[symbol] = time.perf_counter()
-        else:
-            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - opened.pop(symbol)
-        return 0  # VMInstrumentReturnKind.NO_OP
-
-    vm.set_instrument(instrument)
-    for _ in range(calls):
-        vm[name](*args)
-    vm.set_instrument(None)
-    return sorted(((v / calls * 1e6, k) for k, v in spent.items() if not k.startswith("vm.")), reverse=True)
 
 
 def main() -> None:
@@ -121,9 +102,9 @@ def main() -> None:
         gflops = 2 * macs / (ms * 1e6)
         print(f"{label:16s} {ms:8.3f} {ms / medians['ONNX Runtime']:7.2f} {gflops:8.1f} {100 * gflops / PEAK_GFLOPS:6.1f}%")
     for label, (vm, vm_args) in vms.items():
-        rows = kernel_profile(vm, name, vm_args)
-        print(f"\n{label}: {sum(us for us, _ in rows):.0f} µs in {len(rows)} kernels per call; the largest:")
-        for us, kernel in rows[:6]:
+        rows = kernel_times(vm, name, vm_args, calls=50)
+        print(f"\n{label}: {sum(us for _, us in rows):.0f} µs in {len(rows)} kernels per call; the largest:")
+        for kernel, us in rows[:6]:
             print(f"  {us:8.1f} µs  {kernel}")
 
 

@@ -29,7 +29,7 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.subnet_choice import subnets_from_workspace, workspace_facts
 from dyncompile.workspace import load_workspace
 
-__all__ = ["ENGINES", "default_compare", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
+__all__ = ["ENGINES", "default_compare", "kernel_times", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
            "bench_deployable"]
 
 ENGINES = ("onnxruntime", "torch")  # what --compare accepts
@@ -90,6 +90,29 @@ def interleaved_medians(calls: dict[str, Callable[[], Any]], *, repeats: int, wa
 
 def _threads() -> int:
     return os.cpu_count() or 1
+
+
+def kernel_times(vm: Any, function: str, args: Sequence[Any], *, calls: int = 20) -> list[tuple[str, float]]:
+    """Where a call of the VM's `function` on `args` spends its time: (kernel, µs per call summed over its
+    calls), largest first. Each VM call instruction is timed by an instrument; the VM's own builtins (`vm.*`:
+    allocation, shape checks) are left out, so wall time minus their sum is the interpreter's share."""
+    spent: dict[str, float] = {}
+    opened: dict[str, float] = {}
+
+    def instrument(func, symbol, before_run, ret_value, *rest):
+        if before_run:
+            opened[symbol] = time.perf_counter()
+        else:
+            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - opened.pop(symbol)
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(calls):
+            vm[function](*args)
+    finally:
+        vm.set_instrument(None)
+    return sorted(((k, v / calls * 1e6) for k, v in spent.items() if not k.startswith("vm.")), key=lambda r: -r[1])
 
 
 def torch_runner(module: Any, x: np.ndarray) -> Callable[[], Any]:

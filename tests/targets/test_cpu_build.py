@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import dyncompile.runtime as runtime
+from dyncompile.bench import kernel_times
 from dyncompile.build import build, uniform_subnets
 from dyncompile.deployable import (LIBRARY, MANIFEST, WEIGHTS, DeployableError, ParamSlice, read_manifest,
                                    record_latencies, write_deployable)
@@ -142,6 +143,11 @@ def test_weights_of_are_what_the_compiled_function_takes(built):
     assert np.allclose(got, expected, atol=1e-4, rtol=0)
     with pytest.raises(DeployableError, match="no sub-net 'w10'"):
         model.weights_of("w10")
+    # the profiler: every kernel the call ran, positive time, largest first, no VM builtins
+    times = kernel_times(vm, "w50", [tvm.runtime.tensor(x.numpy()), *model.weights_of("w50")], calls=3)
+    assert times and all(us > 0 and not name.startswith("vm.") for name, us in times)
+    assert [us for _, us in times] == sorted((us for _, us in times), reverse=True)
+    assert any("conv2d" in name for name, _ in times)
 
 
 # ── the artifact ──
