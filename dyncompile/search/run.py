@@ -198,6 +198,7 @@ class SearchRun:
         Once per run: `order` lists original group indices, so applying it again would permute twice."""
         reorder_groups(self.dg, order)
         self.net._skeletons.clear()  # cut for the old order
+        self._macs_cache.clear()  # a config keeps the same *number* of groups, now other channels
 
     def macs(self, config: SubnetConfig | None) -> int:
         key = config_key(self.dg, config)
