@@ -451,20 +451,73 @@ def test_a_time_budget_tunes_the_heaviest_kernels_and_a_later_build_the_rest(tmp
 
 
 @pytest.mark.slow  # one MobileNetV2 build: 30-120 s on 2 busy cores
-def test_a_tensor_that_is_no_outer_product_slice_is_stored_as_the_subnets_own(tmp_path):
-    """MobileNetV2's depthwise weights in some sub-nets are not index-list slices of the full tensor: the sub-net
-    keeps its own copy (named `@<sub-net>/<tensor>`) and still matches PyTorch."""
+def test_mobilenet_v2_subnet_weights_are_all_cut_from_the_full_tensors(tmp_path):
+    """MobileNetV2 at width 0.75 (depthwise and projection convs, channels in search order): every weight of the
+    sub-net is an index-list cut of a full tensor, so the deployable stores no copy of its own, and it matches
+    PyTorch. (The build's old, separate index probe stored six of these weights as copies; extract's one probe
+    finds them to be plain cuts. The copy path stays for a cut that is not one: see the test below.)"""
     torch.manual_seed(0)
     model = _randomise_norms(build_zoo_model("mobilenetv2-cifar").eval())
     dg = analyse_model(model, ZOO["mobilenetv2-cifar"].input_shape)
     subnets = uniform_subnets(dg, (0.75,))
     result = build(dg, subnets, target="cpu")
-    own = [p.source for p in result.subnets[0].parameters if p.source.startswith("@w75/")]
-    assert own, "this model is expected to need the fallback"
+    assert not [p.source for p in result.subnets[0].parameters if p.source.startswith("@w75/")]
     out = write_deployable(tmp_path / "cpu", result, dg)
     with np.load(out / WEIGHTS, allow_pickle=False) as npz:
-        assert set(own) <= set(npz.files)
+        assert not [name for name in npz.files if name.startswith("@")]
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = extract_subnet(dg, subnets["w75"]).eval()(x)
     assert torch.allclose(runtime.load(out).run(x, subnet="w75"), expected, atol=1e-4, rtol=0)
+
+
+class _RolledConv(nn.Module):
+    """A user's 1×1 conv whose layer rule cuts its weight row by row differently (each output row's kept inputs
+    rolled by its position): a cut no index list per dim can describe."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = cin, cout, 1
+        self.weight = nn.Parameter(torch.randn(cout, cin, 1, 1))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight)
+
+
+def test_a_cut_that_is_no_outer_product_is_stored_as_the_subnets_own_copy(tmp_path):
+    """extract refuses such a cut as a recipe (ExtractionError) unless asked to gather it; the build then stores
+    the gathered tensor as the sub-net's own (`@<sub-net>/<tensor>`), and the compiled sub-net still matches."""
+    from dyncompile.errors import ExtractionError
+    from dyncompile.layer_rules import ConvRule, register_layer_rule, unregister_layer_rule
+    from dyncompile.passes.extract import extract_with_indices
+
+    class RolledRule(ConvRule):
+        def extract(self, module, in_idx, out_idx):
+            new = super().extract(module, in_idx, out_idx)
+            rolled = torch.stack([row.roll(i, 0) for i, row in enumerate(new.weight.detach())])
+            new.weight = nn.Parameter(rolled)
+            return new
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _RolledConv(8, 8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    register_layer_rule(_RolledConv, RolledRule())
+    try:
+        torch.manual_seed(0)
+        dg = analyse_model(model, (1, 3, 8, 8), groups=4, leaf_modules=("2",))
+        config = uniform_subnets(dg)["w50"]
+        with pytest.raises(ExtractionError, match="not an outer-product slice"):
+            extract_with_indices(dg, config)
+        sub, recipes = extract_with_indices(dg, config, allow_non_slices=True)
+        assert recipes["2.weight"] is None and recipes["0.weight"] is not None
+        _, record = import_subnet(dg, "w50", config)
+        assert [p.source for p in record.parameters if p.source.startswith("@w50/")] == ["@w50/2.weight"]
+        built = build(dg, {"w50": config}, target="cpu")
+        out = write_deployable(tmp_path / "cpu", built, dg)
+        x = torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            expected = sub(x)
+        assert torch.allclose(runtime.load(out).run(x, subnet="w50"), expected, atol=1e-4, rtol=0)
+        with np.load(out / WEIGHTS, allow_pickle=False) as npz:
+            assert "@w50/2.weight" in npz.files
+    finally:
+        unregister_layer_rule(_RolledConv)
