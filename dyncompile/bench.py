@@ -35,13 +35,13 @@ __all__ = ["ENGINES", "default_compare", "kernel_times", "SubnetBench", "interle
 ENGINES = ("onnxruntime", "torch")  # what --compare accepts
 
 
-def default_compare(rpc: str | None = None) -> tuple[str, ...]:
-    """What `bench` compares with unless told: ONNX Runtime, the engine a user would otherwise deploy, when it is
-    installed (the `bench` extra) and the deployable runs here; nothing for a board (two machines' timings do not
-    compare)."""
+def default_compare(device: str, rpc: str | None = None) -> tuple[str, ...]:
+    """What `bench` compares with unless told: ONNX Runtime (its CPU provider), the engine a user would otherwise
+    deploy, when it is installed (the `bench` extra) and the deployable runs on this machine's CPU (`device`, from
+    the manifest); nothing for a board or a GPU, whose timings do not compare with this CPU's."""
     import importlib.util
 
-    if rpc or not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
+    if rpc or device != "cpu" or not all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
         return ()
     return ("onnxruntime",)
 
@@ -54,6 +54,7 @@ class SubnetBench:
     tvm_ms: float  # median
     max_error: float  # max |TVM - PyTorch| on one random input
     compare_ms: dict[str, float] = field(default_factory=dict)  # engine → median ms, same run
+    compare_failed: dict[str, str] = field(default_factory=dict)  # engine → why it could not run this sub-net
 
     @property
     def gflops(self) -> float:
@@ -170,11 +171,13 @@ def reference_modules(manifest: Manifest, workspace: str | Path | None = None) -
 
 def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, rpc: str | None = None,
                      compare: Sequence[str] = (), repeats: int = 50, warmup: int = 3, seed: int = 0,
-                     progress: Callable[[str], None] | None = None) -> list[SubnetBench]:
+                     progress: Callable[[str], None] | None = None, best_effort: bool = False) -> list[SubnetBench]:
     """Time every sub-net of the deployable at `path` and check it against PyTorch (see the module docstring).
 
     Locally the engines take turns per repeat; with `rpc` (ARM boards) TVM runs on the board and `compare`
-    is refused (timings from two machines do not compare).
+    is refused (timings from two machines do not compare). `best_effort`: an engine that cannot run a sub-net
+    (its exporter or session fails) is left out for that sub-net and the reason kept in `compare_failed`, instead
+    of ending the bench: for peers the user did not ask for by name.
     """
     import torch
 
@@ -203,13 +206,21 @@ def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, r
                 if rpc:  # measured on the board by its own timer
                     tvm_ms, compare_ms = model.latency_ms(s.name, repeat=repeats), {}
                 else:
-                    calls = {"tvm": model.prepared(s.name, x)}
+                    calls, failed = {"tvm": model.prepared(s.name, x)}, {}
                     for engine in compare:
-                        calls[engine] = (onnx_runner if engine == "onnxruntime" else torch_runner)(modules[s.name], x)
+                        try:
+                            calls[engine] = (onnx_runner if engine == "onnxruntime" else torch_runner)(
+                                modules[s.name], x)
+                        except Exception as exc:  # noqa: BLE001 -- exporters and sessions raise anything
+                            if not best_effort or isinstance(exc, ConfigError):
+                                raise
+                            failed[engine] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}" \
+                                if str(exc).strip() else type(exc).__name__
                     compare_ms = interleaved_medians(calls, repeats=repeats, warmup=warmup)
                     tvm_ms = compare_ms.pop("tvm")
                 rows.append(SubnetBench(s.name, s.macs, manifest.input.batch_size, tvm_ms,
-                                        float(np.abs(y - expected).max()), compare_ms))
+                                        float(np.abs(y - expected).max()), compare_ms,
+                                        {} if rpc else failed))
     finally:
         torch.set_num_threads(threads_before)
     return rows

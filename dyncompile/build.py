@@ -161,11 +161,11 @@ def _measure_latencies(path: Path, manifest: Manifest, rpc: str | None, repeats:
         why = get_target(manifest.target.name).check_runnable(manifest.target.to_json())
         if why:
             return {}, None, why
-    model = runtime.load(path, device=manifest.target.device, rpc=rpc)
     how = ({"where": f"board at {rpc}", "statistic": "median", "repeats": repeats} if rpc else
            {"where": "this machine (build host)", "statistic": "median", "repeats": repeats, "warmup": 5})
-    return ({s.name: model.latency_ms(s.name, repeat=repeats) for s in model.subnets},
-            {**how, "batch": manifest.input.batch_size}, "")
+    with runtime.load(path, device=manifest.target.device, rpc=rpc) as model:  # a board serves one session
+        return ({s.name: model.latency_ms(s.name, repeat=repeats) for s in model.subnets},
+                {**how, "batch": manifest.input.batch_size}, "")
 
 
 def build_deployable(workspace: str | Path, *, target: str = "cpu", target_options: dict | None = None,

@@ -16,6 +16,7 @@ output, whatever feeds an operation the analysis does not understand).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -89,6 +90,16 @@ class DynGraph:
     @property
     def free_sets(self) -> list[ChannelSet]:
         return [s for s in self.sets if s.free]
+
+    def with_tensors(self, tensors: dict[str, torch.Tensor] | None) -> DynGraph:
+        """This graph with some of its tensors replaced (a sub-net's own BatchNorm statistics), as a copy that
+        shares the sets; `self` is left unchanged (and returned as it is when there is nothing to replace)."""
+        if not tensors:
+            return self
+        new = copy.copy(self)
+        new.gm = copy.deepcopy(self.gm)
+        new.gm.load_state_dict(tensors, strict=False)
+        return new
 
 
 SubnetConfig = dict  # set name -> number of channel groups kept (a prefix of the set's groups)

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dyncompile.errors import ExtractionError
+from dyncompile.errors import ConfigError, ExtractionError
 from dyncompile.layers import (SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
                                SlimConvTranspose3d, SlimLinear)
 
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LayerRule", "ProducerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "ChannelwiseRule",
            "GroupNormRule", "PReLURule", "register_layer_rule", "unregister_layer_rule", "layer_rule_for",
+           "producer_rule_for",
            "has_torch_forward"]
 
 
@@ -261,6 +262,16 @@ def layer_rule_for(module: nn.Module) -> LayerRule | None:
         if rule is not None:
             return rule if rule.applies_to(module) else None
     return None
+
+
+def producer_rule_for(module: nn.Module, name: str) -> LayerRule:
+    """The rule of producer layer `name`, which the analysis slimmed; a one-line ConfigError if its rule is no longer
+    registered (a user's rule must be registered in every process that uses the converted graph)."""
+    rule = layer_rule_for(module)
+    if rule is None:
+        raise ConfigError(f"no layer rule is registered for layer '{name}' ({type(module).__name__}), which the "
+                          f"conversion slimmed: call dyncompile.layer_rules.register_layer_rule for it first")
+    return rule
 
 
 def has_torch_forward(m: nn.Module) -> bool:

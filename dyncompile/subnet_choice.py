@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from dyncompile.ir import DynGraph, SubnetConfig, uniform_config
 from dyncompile.search.result import RESULT_FILE, apply_result, load_search_result, result_dir
 from dyncompile.workspace import SPEC_FILE
 
-__all__ = ["DEFAULT_WIDTHS", "WorkspaceSubnets", "uniform_subnets", "subnets_from_workspace", "with_own_tensors",
+__all__ = ["DEFAULT_WIDTHS", "WorkspaceSubnets", "uniform_subnets", "subnets_from_workspace",
            "workspace_facts"]
 
 DEFAULT_WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -35,16 +34,6 @@ def uniform_subnets(dg: DynGraph, widths: tuple[float, ...] = DEFAULT_WIDTHS) ->
     return out
 
 
-def with_own_tensors(dg: DynGraph, tensors: dict[str, torch.Tensor] | None) -> DynGraph:
-    """`dg` with some of its tensors replaced (a sub-net's own BN statistics); `dg` itself is left unchanged."""
-    if not tensors:
-        return dg
-    new = copy.copy(dg)
-    new.gm = copy.deepcopy(dg.gm)
-    new.gm.load_state_dict(tensors, strict=False)
-    return new
-
-
 @dataclass
 class WorkspaceSubnets:
     """What `dyncompile build` compiles from a workspace: the searched sub-nets if a search ran, else uniform widths."""
@@ -58,7 +47,7 @@ class WorkspaceSubnets:
 
     def reference_graph(self, name: str) -> DynGraph:
         """`dg` with sub-net `name`'s own tensors loaded: `extract_subnet` of it is the PyTorch sub-net."""
-        return with_own_tensors(self.dg, self.own_tensors.get(name))
+        return self.dg.with_tensors(self.own_tensors.get(name))
 
 
 def subnets_from_workspace(workspace: str | Path, dg: DynGraph, widths: tuple[float, ...] | None = None

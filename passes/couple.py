@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
-from dyncompile.layer_rules import has_torch_forward, layer_rule_for
+from dyncompile.layer_rules import has_torch_forward, layer_rule_for, producer_rule_for
 
 __all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
            "producer_channel_classes", "producer_channel_groups"]
@@ -582,7 +582,7 @@ def couple(dg: DynGraph, grouped_conv_mode: str = "auto") -> DynGraph:
 def producer_channel_classes(dg: DynGraph, producer: str) -> torch.Tensor:
     """Class id of every output channel of producer layer `producer` (module name), after `couple`."""
     node = [n for n in dg.gm.graph.nodes if n.op == "call_module" and n.target == producer][-1]
-    dim = layer_rule_for(dg.gm.get_submodule(producer)).channel_dim
+    dim = producer_rule_for(dg.gm.get_submodule(producer), producer).channel_dim
     return channel_vector(node.meta[LABELS], dim, node.meta[SHAPE][dim])
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from dyncompile.errors import ExtractionError
 from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
-from dyncompile.layer_rules import layer_rule_for
+from dyncompile.layer_rules import layer_rule_for, producer_rule_for
 
 __all__ = ["extract_subnet", "extract_with_indices", "index_probe", "slice_indices", "ExtractionError"]
 
@@ -119,6 +119,8 @@ class _Extractor:
         m = self.modules[node.target]
         rule = layer_rule_for(m)
         if rule is None:
+            if any(node.target in s.producers for s in self.dg.free_sets):  # slimmed by a rule since unregistered
+                producer_rule_for(m, node.target)
             return copy.deepcopy(m)  # channel-agnostic (activation, pooling…) or opaque (its channels are fixed)
         out_shape = node.meta[SHAPE]
         in_shape = node.args[0].meta[SHAPE]

@@ -24,7 +24,6 @@ from dyncompile.errors import DyncompileError
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_with_indices
-from dyncompile.subnet_choice import with_own_tensors
 
 __all__ = ["BuildError", "SubnetBuild", "ScaleShiftBatchNorm", "for_inference", "import_subnet", "first_line"]
 
@@ -122,7 +121,7 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
     from tvm.relax.frontend.torch import from_exported_program
 
     start = time.perf_counter()
-    shared, dg = dg, with_own_tensors(dg, own_tensors)
+    shared, dg = dg, dg.with_tensors(own_tensors)
     full_names = set(dg.gm.state_dict())
     plain, recipes = extract_with_indices(dg, config, allow_non_slices=True)
     plain = plain.eval()

@@ -287,3 +287,23 @@ def test_arm_build_run_bench_over_rpc(workspace, board, x_file, tmp_path):
     assert all(r["max_error"] <= 1e-4 and r["tvm_ms"] > 0 for r in json.loads(bench.stdout))
     assert_one_line_error(run("bench", out, "--rpc", board, "--compare", "torch"), "cannot be combined with --rpc")
     assert_one_line_error(run("run", out, "--input", x_path), "built for aarch64", "--rpc")
+
+
+def test_a_default_peer_that_cannot_run_is_a_note_not_a_failed_bench(deployable, monkeypatch):
+    """ONNX Runtime is compared by default; if its exporter fails on a sub-net, the bench still reports TVM and says
+    why in a note. Asked for by name, the same failure ends the bench. A GPU or board deployable gets no CPU peer."""
+    import dyncompile.bench as bench
+
+    def broken(module, x, **kwargs):
+        raise RuntimeError("exporter does not support this op\nsecond line")
+
+    monkeypatch.setattr(bench, "onnx_runner", broken)
+    result = run("bench", deployable, "--repeats", "2", "--no-record")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime could not run sub-net w100 (RuntimeError: exporter does not support this op)" in \
+        " ".join(result.stderr.split())
+    rows = json.loads(run("bench", deployable, "--repeats", "2", "--no-record", "--json").stdout)
+    assert all(r["compare_ms"] == {} and "onnxruntime" in r["compare_failed"] for r in rows)
+    assert run("bench", deployable, "--compare", "onnxruntime", "--repeats", "2", "--no-record").exit_code == 3
+    assert bench.default_compare("cpu") == ("onnxruntime",)
+    assert bench.default_compare("cuda") == () and bench.default_compare("cpu", rpc="127.0.0.1:9090") == ()

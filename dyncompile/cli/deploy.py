@@ -99,7 +99,8 @@ def build(
                 progress.update(state["tune_task"], completed=done, total=total,
                                 note=message.split(" ", 2)[-1].strip("()"))
             else:
-                progress.update(subnet_task, description={"write": "writing the deployable",
+                progress.update(subnet_task, description={"workspace": "opening the workspace",
+                                                          "write": "writing the deployable",
                                                           "measure": "measuring latency"}.get(stage, stage),
                                 note="" if stage in ("write", "measure") else message)
 
@@ -226,11 +227,11 @@ def bench(
     from dyncompile.bench import bench_deployable, default_compare
     from dyncompile.deployable import read_manifest, record_latencies
 
+    manifest = read_manifest(deployable)
     if compare is None:
-        engines = default_compare(rpc)
+        engines = default_compare(manifest.target.device, rpc)
     else:
         engines = tuple(e.strip() for e in compare.split(",") if e.strip() and e.strip() != "none")
-    manifest = read_manifest(deployable)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as progress:
         task = progress.add_task("benchmarking", total=len(manifest.subnets))
@@ -242,7 +243,7 @@ def bench(
             done[0] += 1
 
         rows = bench_deployable(deployable, workspace=workspace, rpc=rpc, compare=engines, repeats=repeats,
-                                progress=advance)
+                                progress=advance, best_effort=compare is None)
     if record:
         where = f"board at {rpc}" if rpc else "this machine"
         record_latencies(deployable, {r.name: r.tvm_ms for r in rows},
@@ -260,8 +261,12 @@ def bench(
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r.name, f"{r.macs / 1e6:.2f}", f"{r.tvm_ms:.3f}", f"{r.gflops:.1f}", f"{r.max_error:.2g}",
-                      *[f"{r.compare_ms[e]:.3f}" for e in engines],
-                      *[f"{r.tvm_ms / r.compare_ms[e]:.2f}" for e in engines])
+                      *[f"{r.compare_ms[e]:.3f}" if e in r.compare_ms else "–" for e in engines],
+                      *[f"{r.tvm_ms / r.compare_ms[e]:.2f}" if e in r.compare_ms else "–" for e in engines])
     out.print(table)
+    for r in rows:
+        for engine, why in r.compare_failed.items():
+            console.print(f"[yellow]note:[/] {engine} could not run sub-net {r.name} ({why})", highlight=False,
+                          soft_wrap=True)
     if record:
         out.print(f"latencies recorded in {deployable}/manifest.json (used by --budget-ms)", highlight=False)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dyncompile.ir import DynGraph
-from dyncompile.layer_rules import layer_rule_for
+from dyncompile.layer_rules import producer_rule_for
 from dyncompile.passes.couple import producer_channel_groups
 
 __all__ = ["producer_groups", "NoiseScales", "l1_scores", "group_order", "RANKINGS", "DIRECTIONS"]
@@ -36,7 +36,7 @@ def producer_groups(dg: DynGraph) -> dict[str, tuple[str, torch.Tensor]]:
     out = {}
     for s in dg.free_sets:
         for producer in s.producers:
-            if layer_rule_for(dg.gm.get_submodule(producer)).weight_out_dim == 0:
+            if producer_rule_for(dg.gm.get_submodule(producer), producer).weight_out_dim == 0:
                 out[producer] = (s.name, producer_channel_groups(dg, s, producer))
     return out
 

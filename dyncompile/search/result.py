@@ -182,7 +182,4 @@ def subnet_weights(dg: DynGraph, bn_statistics: dict[str, dict[str, torch.Tensor
     stats = bn_statistics.get(name)
     if stats is None:
         raise WorkspaceError(f"no BatchNorm statistics stored for sub-net '{name}'; re-run `dyncompile search`")
-    new = copy.copy(dg)
-    new.gm = copy.deepcopy(dg.gm)
-    new.gm.load_state_dict(stats, strict=False)
-    return new
+    return dg.with_tensors(stats)

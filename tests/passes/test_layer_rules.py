@@ -160,3 +160,20 @@ def test_lookup_walks_the_mro_only_up_to_the_forward_that_runs():
         register_layer_rule(PadConv, object())
     with pytest.raises(TypeError):
         register_layer_rule(F.conv2d, LayerRule())
+
+
+def test_a_graph_slimmed_by_a_rule_since_unregistered_is_one_line_not_a_crash():
+    """A user's rule must be registered wherever the converted graph is used: without it, extraction and the
+    rankings say so in one line instead of failing on a missing attribute or cutting nothing."""
+    from dyncompile.errors import ConfigError
+    from dyncompile.search.rank import producer_groups
+
+    register_layer_rule(ScaledConv2d, ScaledConvRule())
+    try:
+        dg = analyse_model(UserNet().eval(), (1, 3, 8, 8), groups=4, leaf_modules=("scaled",))
+    finally:
+        unregister_layer_rule(ScaledConv2d)
+    with pytest.raises(ConfigError, match="no layer rule is registered for layer 'scaled' .ScaledConv2d."):
+        extract_subnet(dg, {s.name: 1 for s in dg.free_sets})
+    with pytest.raises(ConfigError, match="register_layer_rule"):
+        producer_groups(dg)
