@@ -24,7 +24,7 @@ import numpy as np
 
 from dyncompile import runtime
 from dyncompile.deployable import DeployableError, Manifest, read_manifest
-from dyncompile.errors import ConfigError
+from dyncompile.errors import ConfigError, one_line
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.subnet_choice import subnets_from_workspace, workspace_facts
 from dyncompile.workspace import load_workspace
@@ -214,8 +214,7 @@ def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, r
                         except Exception as exc:  # noqa: BLE001 -- exporters and sessions raise anything
                             if not best_effort or isinstance(exc, ConfigError):
                                 raise
-                            failed[engine] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}" \
-                                if str(exc).strip() else type(exc).__name__
+                            failed[engine] = one_line(exc, 160)
                     compare_ms = interleaved_medians(calls, repeats=repeats, warmup=warmup)
                     tvm_ms = compare_ms.pop("tvm")
                 rows.append(SubnetBench(s.name, s.macs, manifest.input.batch_size, tvm_ms,

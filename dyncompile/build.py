@@ -24,13 +24,13 @@ import torch
 
 from dyncompile import runtime
 from dyncompile.deployable import Manifest, default_output, read_manifest, record_latencies, write_deployable
-from dyncompile.errors import ConfigError
+from dyncompile.errors import ConfigError, one_line
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.subnet_choice import subnets_from_workspace, uniform_subnets, workspace_facts
 from dyncompile.targets import check_board_for, get_target
 from dyncompile.targets.pipeline import (TRANSFORM_SUFFIX, apply_database, compile_module, entry_module,
                                          is_scheduled, kernels, prepare)
-from dyncompile.targets.relax_import import BuildError, SubnetBuild, first_line, import_subnet
+from dyncompile.targets.relax_import import BuildError, SubnetBuild, import_subnet
 from dyncompile.targets.tuning import Progress, TuningReport, check_tuning_options, tune, tuning_dir_for
 from dyncompile.workspace import load_workspace
 
@@ -133,7 +133,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     try:
         executable = compile_module(mod, tvm_target, target)
     except Exception as exc:  # noqa: BLE001 -- TVM raises its own error types from C++
-        raise BuildError(f"compiling for {target} failed ({first_line(exc)})") from exc
+        raise BuildError(f"compiling for {target} failed ({one_line(exc, 200)})") from exc
     compile_s = time.perf_counter() - start
     input_dtype = str(next(iter(dg.gm.parameters())).dtype).removeprefix("torch.")
     return BuildResult(target_name=target, target=tvm_target, target_facts=kind.describe(tvm_target),

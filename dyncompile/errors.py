@@ -5,6 +5,13 @@ exception) as one line that asks for a bug report, exit 3.
 """
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """`exc` as "Type: first line of its message" (at most `limit` characters of it): TVM's, torch's and the
+    exporters' messages run to pages, and every error dyncompile prints is one line."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 class DyncompileError(Exception):
     """Base class: the message is one line that says what went wrong and what to do."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyncompile.errors import ModelLoadError, UntrustedPickleError
+from dyncompile.errors import ModelLoadError, UntrustedPickleError, one_line
 from dyncompile.fileio import sha256_file as _sha256
 
 __all__ = ["ModelSource", "load_model", "import_factory", "parse_input_shape", "guess_input_shape"]
@@ -142,7 +142,7 @@ def _accepts(model: nn.Module, shape: tuple[int, ...]) -> str | None:
             model(torch.zeros(*shape))
         return None
     except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        return one_line(exc, 160)
 
 
 def guess_input_shape(model: nn.Module, given: tuple[int, ...] | None) -> tuple[tuple[int, ...], str | None]:

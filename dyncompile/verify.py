@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from dyncompile.errors import one_line
 from dyncompile.ir import DynGraph, uniform_config
 from dyncompile.layer_rules import ProducerRule, layer_rule_for
 from dyncompile.layers import ChannelMask
@@ -131,7 +132,7 @@ def verify(dg: DynGraph, widths: list[float], reference: tuple[torch.Tensor, tor
         except Exception as exc:  # noqa: BLE001 - a failure at one width is that width's problem
             report = WidthReport(width=width, groups_kept=config, full_width_error=None, extract_error=float("inf"),
                                  tolerance=0.0, macs=0, macs_fraction=0.0, params=0, conv_channels=0,
-                                 problems=[f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"])
+                                 problems=[one_line(exc)])
         if width == 1.0:
             report.full_width_error = full_error
             if not full_error <= full_tolerance:

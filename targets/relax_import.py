@@ -20,12 +20,12 @@ import torch.fx as fx
 from torch import nn
 
 from dyncompile.deployable import ParamSlice, own_tensor_key
-from dyncompile.errors import DyncompileError
+from dyncompile.errors import DyncompileError, one_line
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_with_indices
 
-__all__ = ["BuildError", "SubnetBuild", "ScaleShiftBatchNorm", "for_inference", "import_subnet", "first_line"]
+__all__ = ["BuildError", "SubnetBuild", "ScaleShiftBatchNorm", "for_inference", "import_subnet"]
 
 
 class BuildError(DyncompileError):
@@ -55,12 +55,6 @@ class SubnetBuild:
     @property
     def function(self) -> str:
         return self.name
-
-
-def first_line(exc: BaseException) -> str:
-    """`exc` as one short line (TVM's and torch.export's messages run to pages)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 class ScaleShiftBatchNorm(nn.Module):
@@ -134,7 +128,7 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
         ep = torch.export.export(sub, (x,))
         mod, _ = detach_params(from_exported_program(ep, keep_params_as_input=True))
     except Exception as exc:  # noqa: BLE001 -- torch.export / the Relax importer raise anything
-        raise BuildError(f"sub-net '{name}': export to Relax failed ({first_line(exc)})") from exc
+        raise BuildError(f"sub-net '{name}': export to Relax failed ({one_line(exc, 200)})") from exc
     if not isinstance(y, torch.Tensor):
         raise BuildError(f"sub-net '{name}' returns {type(y).__name__}; only single-tensor outputs are supported")
     func = mod["main"]

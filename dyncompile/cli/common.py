@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 
 import dyncompile
-from dyncompile.errors import ConfigError, DyncompileError
+from dyncompile.errors import ConfigError, DyncompileError, one_line
 
 app = typer.Typer(
     name="dyncompile",
@@ -89,7 +89,7 @@ def friendly_errors(command: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001
             if os.environ.get("DYNCOMPILE_DEBUG"):
                 raise
-            console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            console.print(f"[bold red]internal error:[/] {one_line(exc)} "
                           f"(a dyncompile bug: set DYNCOMPILE_DEBUG=1 for the traceback and report it)",
                           highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
