@@ -1,21 +1,25 @@
-"""Latency of every uniform-width sub-net on this CPU: PyTorch eager, ONNX Runtime, TVM untuned, TVM tuned.
+"""TVM deployable against ONNX Runtime, sub-net by sub-net, with the goals of issue 11 checked per row.
 
-For each model, batch size and sub-net the engines run interleaved in one process (blocks of calls taking
-turns; `dyncompile.bench.interleaved_medians`), all on the same cores. Prints medians, the ratio to ONNX Runtime,
-latency(sub-net)/latency(full) next to MACs(sub-net)/MACs(full), and GFLOP/s; writes everything as JSON.
+For each model and batch size, every uniform width (1.0/0.75/0.5/0.25) is built into one deployable exactly as
+`dyncompile build --target cpu` builds it (the default: no tuning; `--tune-trials`/`--tune-minutes` add tuning),
+loaded with `dyncompile.runtime.load`, and timed side by side with ONNX Runtime on the same sub-net in one process
+(`dyncompile.bench.interleaved_medians`: turns of 20 calls, each engine with its own default thread settings).
 
-    nice .venv/bin/python benchmarks/latency.py --tune-trials 32 --tune-models resnet20
-    nice .venv/bin/python benchmarks/latency.py --models resnet20 --batches 1 --tune-trials 0   # quick
+Per row: ms, TVM ÷ ORT, GFLOP/s and % of the CPU's FP32 peak for both engines, latency(sub-net) ÷ latency(full)
+beside MACs(sub-net) ÷ MACs(full), and which goals hold:
+    ratio   TVM ≤ ONNX Runtime, and ≤ 0.6× it for sub-nets under 25% of the MACs
+    scale   latency fraction ≤ 2 × MACs fraction, or within 0.05 ms of it
+Every output is checked against PyTorch (max error printed; the run fails above 1e-4).
 
-Tuning uses (and extends) the workspace's database (<workspace>/tuning/cpu), so a second run tunes nothing
-new. `--profile` prints where the tuned full-width sub-net spends its time, kernel by kernel (TVM's VM profiler).
+    .venv/bin/python benchmarks/latency.py                                   # all models, batch 1 and 8
+    .venv/bin/python benchmarks/latency.py --models resnet20-fashion --batches 1 --layout nchw   # the old layout
+    .venv/bin/python benchmarks/latency.py --models resnet20-cifar --tune-minutes 10 --workspace /tmp/ws
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -23,162 +27,130 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# Idle worker threads sleep instead of spinning (set before torch and TVM load): on a shared 2-core machine
-# a spinning pool of one engine steals the cores of the next one in the interleaved loop (seen: eager PyTorch
-# 60x slower right after a TVM call).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dyncompile import runtime  # noqa: E402
-from dyncompile.bench import interleaved_medians, kernel_times, onnx_runner, torch_runner  # noqa: E402
+from dyncompile.bench import interleaved_medians, onnx_runner  # noqa: E402
 from dyncompile.build import build, tuning_dir_for, uniform_subnets  # noqa: E402
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.passes.extract import extract_subnet  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
+from dyncompile.targets import pipeline  # noqa: E402
+from dyncompile.targets.llvm_common import physical_cores  # noqa: E402
 from dyncompile.zoo import ZOO  # noqa: E402
 from dyncompile.zoo import build as build_zoo_model  # noqa: E402
+from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
 
-MODELS = {"resnet20": "resnet20-cifar", "mobilenetv2": "mobilenetv2-imagenet"}
-ENGINES = ("eager", "ort", "tvm_untuned", "tvm_tuned")
+# name -> (factory, input shape)
+MODELS = {
+    "resnet20-cifar": (lambda: build_zoo_model("resnet20-cifar"), ZOO["resnet20-cifar"].input_shape),
+    "resnet20-fashion": (resnet20_fashion, (1, 1, 28, 28)),
+    "mobilenetv2-224": (lambda: build_zoo_model("mobilenetv2-imagenet"), ZOO["mobilenetv2-imagenet"].input_shape),
+    "resnet18-224": (lambda: build_zoo_model("resnet18-imagenet"), ZOO["resnet18-imagenet"].input_shape),
+}
+PEAK_GFLOPS = 237.0  # this machine: 2 cores × 32 FP32 FLOP/cycle (one 512-bit FMA) × ~3.7 GHz; --peak-gflops
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _profile(model: runtime.LocalModel, name: str, x: np.ndarray, top: int = 8, calls: int = 20) -> dict:
-    """Where one call of `name` spends its time: per kernel (VM call instructions timed with an instrument),
-    and the rest (VM interpretation, allocation) as the wall time minus the kernels' sum."""
-    import tvm
-
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(model.path / "model.so")), tvm.cpu())
-    args = [tvm.runtime.tensor(x), *model.weights_of(name)]
-    vm[name](*args)  # warm-up
-    start = time.perf_counter()
-    for _ in range(calls):
-        vm[name](*args)
-    wall_us = (time.perf_counter() - start) / calls * 1e6
-    kernels = [{"kernel": k, "us": us} for k, us in kernel_times(vm, name, args, calls=calls)]
-    in_kernels = sum(r["us"] for r in kernels)
-    return {"wall_us": wall_us, "kernels_us": in_kernels, "kernels": len(kernels), "top": kernels[:top]}
+def goals(macs_fraction: float, tvm_ms: float, ort_ms: float, full_tvm_ms: float) -> dict[str, bool]:
+    ratio_goal = 0.6 if macs_fraction < 0.25 else 1.0
+    latency_fraction = tvm_ms / full_tvm_ms
+    return {"ratio": tvm_ms / ort_ms <= ratio_goal,
+            "scale": latency_fraction <= 2 * macs_fraction or tvm_ms - 2 * macs_fraction * full_tvm_ms <= 0.05}
 
 
-def bench_model(key: str, batches: list[int], tune_trials: int, tune_batches: set[int], repeats: int,
-                workspace: Path, profile: bool, budget_s: float) -> list[dict]:
-    entry = ZOO[MODELS[key]]
+def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
+    factory, input_shape = MODELS[key]
     torch.manual_seed(0)
-    model = build_zoo_model(entry.name).eval()
-    dg = analyse_model(model, entry.input_shape, groups=8)
+    model = factory().eval()
+    dg = analyse_model(model, input_shape, groups=8)
     subnets = uniform_subnets(dg)
-    rows = []
-    for batch in batches:
-        with tempfile.TemporaryDirectory(prefix="dyncompile-latency-") as tmp:
-            loaded = {}
-            for kind, trials in (("tvm_untuned", 0), ("tvm_tuned", tune_trials if batch in tune_batches else 0)):
-                if kind == "tvm_tuned" and not trials:
-                    continue
-                start = time.perf_counter()
-                result = build(dg, subnets, target="cpu", batch_size=batch, tune_trials=trials,
-                               tuning_dir=tuning_dir_for(workspace, "cpu") if trials else None,
-                               progress=(lambda stage, msg: _log(f"{key} b{batch} {kind}: {stage} {msg}"))
-                               if trials else None)
-                _log(f"{key} batch {batch}: {kind} built in {time.perf_counter() - start:.0f} s"
-                     + (f" (tuning: {result.tuning.tasks} kernels, {result.tuning.tuned} tuned now, "
-                        f"{result.tuning.reused} reused, {result.tuning.seconds:.0f} s)" if result.tuning else ""))
-                loaded[kind] = runtime.load(write_deployable(Path(tmp) / kind, result, dg))
-                if kind == "tvm_tuned":
-                    tuned_counts = {s.name: (s.tuned_kernels, s.kernels) for s in result.subnets}
-            x = np.random.default_rng(0).standard_normal((batch, *entry.input_shape[1:])).astype(np.float32)
-            for name, config in subnets.items():
-                sub = extract_subnet(dg, config).eval()
-                macs = next(s.macs for s in loaded["tvm_untuned"].subnets if s.name == name)
-                calls = {"eager": torch_runner(sub, x), "ort": onnx_runner(sub, x)}
-                for kind, m in loaded.items():
-                    calls[kind] = m.prepared(name, x)
-                with torch.no_grad():
-                    expected = sub(torch.from_numpy(x)).numpy()
-                errors = {kind: float(np.abs(m.run(x, subnet=name) - expected).max()) for kind, m in loaded.items()}
-                # one call each for an estimate, then as many repeats as fit the time budget (at least 5)
-                estimate = interleaved_medians(calls, repeats=1, warmup=1, block=1)
-                n = int(max(5, min(repeats, budget_s * 1e3 / max(1e-3, sum(estimate.values())))))
-                medians = interleaved_medians(calls, repeats=n, warmup=2)
-                row = {"model": key, "input": list(entry.input_shape[1:]), "batch": batch, "subnet": name,
-                       "macs_per_image": macs, "repeats": n, "ms": medians, "max_error_vs_eager": errors}
-                if "tvm_tuned" in loaded:
-                    row["tuned_kernels"] = list(tuned_counts[name])
-                rows.append(row)
-                _log(f"{key} b{batch} {name}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items()))
-            if profile and "tvm_tuned" in loaded:
-                full = next(iter(subnets))
-                rows[-len(subnets)]["profile_tvm_tuned"] = _profile(loaded["tvm_tuned"], full, x)
-    full_ms = {}
+    tuned = bool(args.tune_trials or args.tune_minutes)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dyncompile-latency-") as tmp:
+        result = build(dg, subnets, target="cpu", batch_size=batch, layout=args.layout,
+                       tune_trials=args.tune_trials or (64 if args.tune_minutes else 0), tune_minutes=args.tune_minutes,
+                       tuning_dir=tuning_dir_for(args.workspace / f"{key}-b{batch}", "cpu") if tuned else None)
+        build_s = time.perf_counter() - start
+        _log(f"{key} batch {batch}: built in {build_s:.0f} s"
+             + (f" (tuning {result.tuning.seconds:.0f} s, {result.tuning.tasks} kernels)" if result.tuning else ""))
+        model_tvm = runtime.load(write_deployable(Path(tmp) / "deploy", result, dg))
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype(np.float32)
+        rows = []
+        for name, config in subnets.items():
+            sub = extract_subnet(dg, config).eval()
+            with torch.no_grad():
+                expected = sub(torch.from_numpy(x)).numpy()
+            error = float(np.abs(model_tvm.run(x, subnet=name) - expected).max())
+            if error > 1e-4:
+                raise SystemExit(f"{key} b{batch} {name}: TVM output differs from PyTorch by {error:.2g}")
+            medians = interleaved_medians({"tvm": model_tvm.prepared(name, x), "ort": onnx_runner(sub, x)},
+                                          repeats=args.repeats)
+            macs = next(s.macs for s in result.subnets if s.name == name)
+            rows.append({"model": key, "batch": batch, "subnet": name, "macs_per_image": macs, "ms": medians,
+                         "max_error": error, "build_s": build_s,
+                         "tuning_s": result.tuning.seconds if result.tuning else 0.0})
+            _log(f"{key} b{batch} {name}: TVM {medians['tvm']:.3f} ms, ORT {medians['ort']:.3f} ms")
+        model_tvm.close()
+    full = rows[0]
     for r in rows:
-        if r["subnet"] == next(iter(subnets)):
-            full_ms[(r["model"], r["batch"])] = (r["ms"], r["macs_per_image"])
-    for r in rows:
-        ms_full, macs_full = full_ms[(r["model"], r["batch"])]
-        r["macs_fraction"] = r["macs_per_image"] / macs_full
-        r["latency_fraction"] = {k: v / ms_full[k] for k, v in r["ms"].items()}
-        r["ratio_to_ort"] = {k: v / r["ms"]["ort"] for k, v in r["ms"].items()}
-        r["gflops"] = {k: 2 * r["macs_per_image"] * r["batch"] / (v * 1e6) for k, v in r["ms"].items()}
+        r["macs_fraction"] = r["macs_per_image"] / full["macs_per_image"]
+        r["gflops"] = {k: 2 * r["macs_per_image"] * batch / (v * 1e6) for k, v in r["ms"].items()}
+        r["goals"] = goals(r["macs_fraction"], r["ms"]["tvm"], r["ms"]["ort"], full["ms"]["tvm"])
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    engines = [e for e in ENGINES if any(e in r["ms"] for r in rows)]
-    head = ["model", "batch", "sub-net", "MMACs/img", "MACs frac"] + [f"{e} ms" for e in engines] \
-        + [f"{e}/ORT" for e in engines if e.startswith("tvm")] + [f"lat frac {e}" for e in engines] \
-        + [f"GFLOP/s {e}" for e in engines]
+def markdown(rows: list[dict], peak: float) -> str:
+    head = ["model", "batch", "sub-net", "MACs frac", "TVM ms", "ORT ms", "TVM ÷ ORT", "TVM GFLOP/s (% peak)",
+            "ORT GFLOP/s (% peak)", "lat frac TVM", "ratio goal", "scale goal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    full_ms = {}
     for r in rows:
-        cell = lambda d, e, fmt: fmt.format(d[e]) if e in d else "–"  # noqa: E731
-        lines.append("| " + " | ".join(
-            [r["model"], str(r["batch"]), r["subnet"], f"{r['macs_per_image'] / 1e6:.1f}", f"{r['macs_fraction']:.3f}"]
-            + [cell(r["ms"], e, "{:.3f}") for e in engines]
-            + [cell(r["ratio_to_ort"], e, "{:.2f}") for e in engines if e.startswith("tvm")]
-            + [cell(r["latency_fraction"], e, "{:.3f}") for e in engines]
-            + [cell(r["gflops"], e, "{:.1f}") for e in engines]) + " |")
+        full_ms.setdefault((r["model"], r["batch"]), r["ms"]["tvm"])
+        g = r["gflops"]
+        lines.append("| " + " | ".join([
+            r["model"], str(r["batch"]), r["subnet"], f"{r['macs_fraction']:.3f}", f"{r['ms']['tvm']:.3f}",
+            f"{r['ms']['ort']:.3f}", f"{r['ms']['tvm'] / r['ms']['ort']:.2f}",
+            f"{g['tvm']:.0f} ({100 * g['tvm'] / peak:.0f}%)", f"{g['ort']:.0f} ({100 * g['ort'] / peak:.0f}%)",
+            f"{r['ms']['tvm'] / full_ms[(r['model'], r['batch'])]:.3f}",
+            "yes" if r["goals"]["ratio"] else "**no**", "yes" if r["goals"]["scale"] else "**no**"]) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet20,mobilenetv2", help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--tune-trials", type=int, default=32, help="MetaSchedule trials per distinct kernel")
-    parser.add_argument("--tune-models", default="resnet20", help="models to tune (others: untuned TVM only)")
-    parser.add_argument("--tune-batches", default="1,8", help="batch sizes to tune (others: untuned TVM only)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per engine and sub-net (at most)")
-    parser.add_argument("--budget-s", type=float, default=6.0, help="time per sub-net's timing, bounds repeats")
-    parser.add_argument("--workspace", type=Path, default=Path("dyncompile-workspace"),
-                        help="its tuning/cpu database is used and extended")
-    parser.add_argument("--profile", action="store_true", help="per-kernel profile of tuned full-width sub-nets")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "latency.json")
+    parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per kernel (default: none)")
+    parser.add_argument("--tune-minutes", type=float, default=None, help="cap on tuning time per build")
+    parser.add_argument("--workspace", type=Path, default=Path("/tmp/dyncompile-latency"),
+                        help="holds the tuning databases (<workspace>/<model>/tuning/cpu)")
+    parser.add_argument("--layout", default="blocked", choices=pipeline.LAYOUTS)
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls per engine and sub-net")
+    parser.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
     rows = []
-    tune_models = {m for m in args.tune_models.split(",") if m}
     for key in [m for m in args.models.split(",") if m]:
-        tune_batches = {int(b) for b in args.tune_batches.split(",") if b} if key in tune_models else set()
-        rows += bench_model(key, [int(b) for b in args.batches.split(",")], args.tune_trials, tune_batches,
-                            args.repeats, args.workspace, args.profile, args.budget_s)
-    table = markdown(rows)
-    print(table)
-    for r in rows:
-        p = r.get("profile_tvm_tuned")
-        if p:
-            print(f"\nprofile {r['model']} b{r['batch']} {r['subnet']} (tvm_tuned, instrumented): wall {p['wall_us']:.0f} us, "
-                  f"{p['kernels']} kernels {p['kernels_us']:.0f} us")
-            for k in p["top"]:
-                print(f"  {k['kernel']}: {k['us']:.0f} us")
-    args.json.write_text(json.dumps({"command": " ".join(sys.argv), "threads": threads,
-                                     "cpu": __import__("tvm").target.codegen.llvm_get_system_cpu(),
-                                     "rows": rows}, indent=1))
-    print(f"wrote {args.json}", file=sys.stderr)
+        if key not in MODELS:
+            raise SystemExit(f"unknown model '{key}'; models: {', '.join(MODELS)}")
+        for batch in [int(b) for b in args.batches.split(",")]:
+            rows += bench_model(key, batch, args)
+    print(f"\nbatch rows: TVM as `dyncompile build --target cpu` builds it (layout {args.layout}, "
+          f"{'tuned' if args.tune_trials or args.tune_minutes else 'untuned default schedules'}); ONNX Runtime "
+          f"1 session per sub-net, CPU provider, {physical_cores()} intra-op threads, its other defaults; "
+          f"best turn's median of {args.repeats} calls each")
+    print(markdown(rows, args.peak_gflops))
+    failed = [f"{r['model']} b{r['batch']} {r['subnet']}" for r in rows if not all(r["goals"].values())]
+    print(f"\ngoals met in {len(rows) - len(failed)} of {len(rows)} rows" + (f"; not in: {', '.join(failed)}"
+                                                                            if failed else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

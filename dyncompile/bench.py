@@ -12,7 +12,6 @@ records which workspace and search result it came from, and a changed workspace 
 from __future__ import annotations
 
 import io
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -68,29 +67,40 @@ class SubnetBench:
 
 
 def interleaved_medians(calls: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 3,
-                        block: int = 5) -> dict[str, float]:
-    """Median milliseconds of each zero-argument call over `repeats` timed calls, the engines taking turns in
-    blocks of `block` calls (a×5, b×5, c×5, a×5, …), so that load from other processes hits them alike.
+                        block: int = 20, settle_s: float = 0.2) -> dict[str, float]:
+    """Milliseconds per call of each zero-argument call: the engines take turns in blocks of `block` timed calls
+    (a×20, b×20, a×20, …, `repeats` in all per engine); each block's median, and of those the lowest (the
+    least disturbed turn), so that load from other processes hits every engine alike.
 
-    The first call of each block is not timed: thread pools that spin after their last task (ONNX Runtime,
-    OpenMP, TVM) would otherwise charge the switch to whichever engine comes next.
+    Each engine keeps its own defaults, thread pools that spin after a call included (measured here: TVM's
+    workers spin for about 160 ms, ONNX Runtime's for about 45 ms). A spinning pool takes a core from whoever
+    runs next, so before each block the loop sleeps `settle_s` until the last engine's pool is idle, and the
+    block's first call (which wakes the pool) is not timed.
     """
     for _ in range(warmup):
         for call in calls.values():
             call()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    while any(len(v) < repeats for v in times.values()):
+    blocks: dict[str, list[float]] = {k: [] for k in calls}
+    done = 0
+    while done < repeats:
+        size = min(block, repeats - done)
         for k, call in calls.items():
+            time.sleep(settle_s)
             call()
-            for _ in range(min(block, repeats - len(times[k]))):
+            times = []
+            for _ in range(size):
                 start = time.perf_counter()
                 call()
-                times[k].append((time.perf_counter() - start) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                times.append((time.perf_counter() - start) * 1e3)
+            blocks[k].append(statistics.median(times))
+        done += size
+    return {k: min(v) for k, v in blocks.items()}
 
 
 def _threads() -> int:
-    return os.cpu_count() or 1
+    from dyncompile.targets.llvm_common import physical_cores
+
+    return physical_cores()  # what TVM's deployable uses (`use_all_cores`), and ONNX Runtime's own default
 
 
 def kernel_times(vm: Any, function: str, args: Sequence[Any], *, calls: int = 20) -> list[tuple[str, float]]:
@@ -145,8 +155,7 @@ def onnx_runner(module: Any, x: np.ndarray, *, threads: int | None = None) -> Ca
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or _threads()
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see interleaved_medians
+    options.log_severity_level = 3  # otherwise ONNX Runtime's defaults, spinning threads included
     session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
     return lambda: session.run(None, {"x": x})
 

@@ -83,15 +83,16 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
           target_options: dict | None = None, batch_size: int = 1, tune_trials: int = 0,
           tune_minutes: float | None = None, tuning_dir: str | Path | None = None, builder_timeout_s: float = 120.0,
           rpc: str | None = None, own_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
-          progress: Progress | None = None, dump_after: str | None = None) -> BuildResult:
+          progress: Progress | None = None, dump_after: str | None = None, layout: str = "blocked") -> BuildResult:
     """Compile every sub-net in `subnets` for `target` into one executable (see the module docstring).
 
     `tune_trials`: MetaSchedule trials per distinct kernel (0: untuned, no database used); needs `tuning_dir`
     (use `tuning_dir_for(workspace, target)`); `tune_minutes` caps the tuning time (each sub-net's heaviest
     kernels first, see `tune`). `batch_size` is static. `rpc`: "HOST:PORT" of the board that measures tuning
     candidates (targets that run on a board). `own_tensors`: per sub-net name, tensors it has its own values for
-    (BN statistics from search; see `import_subnet`). Raises ConfigError for bad arguments, BuildError when a
-    sub-net cannot be compiled.
+    (BN statistics from search; see `import_subnet`). `layout`: one of `pipeline.LAYOUTS` (CPU convolutions
+    blocked, the default, or left in NCHW to measure what blocking buys). Raises ConfigError for bad arguments,
+    BuildError when a sub-net cannot be compiled.
     """
     kind = get_target(target)
     _check_build_arguments(subnets, batch_size, tune_trials, tune_minutes, tuning_dir)
@@ -99,6 +100,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     import tvm
 
     tvm_target = kind.tvm_target(**(target_options or {}))
+    kind.runtime_setup()  # tuning's measurement workers inherit it
     # before the long import: a board that cannot be reached, or a GPU that is missing, fails here
     runner = (kind.tuning_runner(rpc=rpc) if rpc else kind.tuning_runner()) if tune_trials else None
     records: list[SubnetBuild] = []
@@ -112,7 +114,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     if progress:
         progress("prepare", f"{len(functions)} sub-nets in one module")
     log: list[tuple[str, float]] = []
-    mod = prepare(tvm.IRModule(functions), tvm_target, dump_after=dump_after, log=log)
+    mod = prepare(tvm.IRModule(functions), tvm_target, layout=layout, dump_after=dump_after, log=log)
     report = None
     if tune_trials:
         report = tune(mod, list(subnets), tvm_target, target, tuning_dir, tune_trials,

@@ -281,6 +281,7 @@ def load(path: str | Path, device: str = "cpu", rpc: str | None = None) -> Deplo
     if built_with.split(".")[:2] != tvm.__version__.split(".")[:2]:  # the VM's bytecode is not a stable format
         raise DeployableError(f"deployable '{path}' was compiled with TVM {built_with} and this runtime is TVM "
                               f"{tvm.__version__}; rebuild it with this version")
+    kind.runtime_setup()
     dev = _device(device)
     full = read_weights(path, manifest)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIBRARY)), dev)

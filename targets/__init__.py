@@ -12,7 +12,9 @@ Beside the target modules, the compile steps every target goes through:
     relax_import.py   one sub-net → a Relax function + the recipe that cuts its weights from the full ones
     pipeline.py       the prepare pass list, applying tuning records, the target's schedules and lowering
     tuning.py         MetaSchedule tuning, one database and ledger per target, resumable
-    llvm_common.py    what the LLVM targets share (ISA features for check_runnable, the candidate builder)
+    blocked_layout.py CPU convolutions in the blocked layout NCHW[b]c (ConvertLayout + legalizing onto topi)
+    llvm_schedules.py the default schedules of CPU kernels no tuning record covers (cpu and arm)
+    llvm_common.py    what the LLVM targets share (ISA features, vector lanes, cores/threads, candidate builder)
     pooled_builder.py the MetaSchedule builder with long-lived workers
 """
 
@@ -62,7 +64,15 @@ class TargetKind(Protocol):
         """Raise ConfigError (one line, with the fix) if a compiler or library this target needs is missing."""
 
     def schedule_passes(self, target: tvm.target.Target) -> list:
-        """Passes that give kernels tuning did not cover a schedule (none on CPU; dlight rules on GPUs)."""
+        """Passes that give kernels tuning did not cover a schedule (`llvm_schedules` on CPUs; dlight on GPUs)."""
+
+    def default_schedule(self, kernel: Any, target: tvm.target.Target) -> Any | None:
+        """The schedule an untuned `kernel` gets, as a traced `tvm.s_tir.Schedule`, or None (tuning measures it
+        first and keeps it in the database, so a tuned build is never slower than the default one)."""
+
+    def runtime_setup(self) -> None:
+        """Process settings the runtime reads when it starts (cpu: TVM's thread count); called before loading a
+        deployable here and before tuning measures candidates."""
 
     def lower_passes(self, target: tvm.target.Target) -> list:
         """Relax passes from fused, scheduled Relax down to what the VM code generator takes."""

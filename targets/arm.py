@@ -37,9 +37,9 @@ from dyncompile.targets.llvm_common import build_candidate, isa_features
 from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "MTRIPLE", "DEFAULT_MCPU", "BOARD_HINT", "BoardError",
-           "tvm_target", "describe", "check_toolchain", "cross_compiler", "schedule_passes", "lower_passes",
-           "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library", "check_runnable",
-           "parse_rpc", "check_board", "RemoteVM", "remote_vm", "run_remote"]
+           "tvm_target", "describe", "check_toolchain", "cross_compiler", "schedule_passes", "default_schedule",
+           "runtime_setup", "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library",
+           "check_runnable", "parse_rpc", "check_board", "RemoteVM", "remote_vm", "run_remote"]
 
 name = "arm"
 device = "cpu"  # the board's CPU; the deployable's code runs there, never on the build machine
@@ -125,8 +125,15 @@ def cross_compiler() -> Any:
 
 
 def schedule_passes(target: Any) -> list:
-    # As on `cpu`: untuned kernels are plain loops (correct, slow); tuning on the board is the speed answer.
-    return []
+    return cpu.schedule_passes(target)  # the same default CPU schedules, for NEON's 4 fp32 lanes
+
+
+def default_schedule(kernel: Any, target: Any) -> Any | None:
+    return cpu.default_schedule(kernel, target)
+
+
+def runtime_setup() -> None:
+    """Nothing here: the board's runtime sizes its own thread pool (set TVM_NUM_THREADS on the board)."""
 
 
 def lower_passes(target: Any) -> list:

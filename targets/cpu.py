@@ -13,11 +13,12 @@ import sys
 from typing import Any
 
 from dyncompile.errors import ConfigError
-from dyncompile.targets.llvm_common import build_candidate, isa_features
+from dyncompile.targets.llvm_common import build_candidate, isa_features, physical_cores, use_all_cores, vector_lanes
 from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "tvm_target", "describe", "check_toolchain", "schedule_passes",
-           "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner", "export_library", "check_runnable"]
+           "default_schedule", "runtime_setup", "lower_passes", "tensor_intrinsics", "tuning_builder",
+           "tuning_runner", "export_library", "check_runnable"]
 
 name = "cpu"
 device = "cpu"
@@ -38,7 +39,7 @@ def tvm_target(*, mcpu: str | None = None, num_cores: int | None = None) -> Any:
     mcpu = mcpu or tvm.target.codegen.llvm_get_system_cpu()
     if not tvm.target.codegen.llvm_is_valid_cpu(mcpu, _host_triple()):
         raise ConfigError(f"LLVM does not know the CPU '{mcpu}'; leave --mcpu out to use this machine's CPU")
-    cores = num_cores or os.cpu_count() or 1
+    cores = num_cores or physical_cores()
     return tvm.target.Target({"kind": "llvm", "mtriple": _host_triple(), "mcpu": mcpu, "num-cores": int(cores)})
 
 
@@ -62,9 +63,22 @@ def check_toolchain() -> None:
 
 
 def schedule_passes(target: Any) -> list:
-    # Untuned CPU kernels compile as plain loops: correct but slow. The dlight CPU rules gave only ~2× here
-    # (see TVM-NOTES), so the CPU answer for speed is tuning, not a fallback schedule.
-    return []
+    """The default CPU schedules (`llvm_schedules`) for every kernel tuning did not cover."""
+    from dyncompile.targets.llvm_schedules import default_schedules
+
+    return [default_schedules(target, vector_lanes(target))]
+
+
+def default_schedule(kernel: Any, target: Any) -> Any | None:
+    """`kernel`'s default schedule as a traced Schedule (what tuning measures first), or None."""
+    from dyncompile.targets.llvm_schedules import default_schedule as llvm_default
+
+    return llvm_default(kernel, vector_lanes(target), int(target.attrs.get("num-cores", 1)))
+
+
+def runtime_setup() -> None:
+    """Before the first kernel runs in this process (load, tuning measurements): TVM's threads = the cores."""
+    use_all_cores()
 
 
 def lower_passes(target: Any) -> list:

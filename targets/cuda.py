@@ -32,8 +32,8 @@ from dyncompile.targets.llvm_common import isa_features
 from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "DEFAULT_ARCH", "tvm_target", "describe", "check_toolchain",
-           "schedule_passes", "lower_passes", "tensor_intrinsics", "tuning_builder", "tuning_runner",
-           "export_library", "check_runnable", "device_sources"]
+           "schedule_passes", "default_schedule", "runtime_setup", "lower_passes", "tensor_intrinsics",
+           "tuning_builder", "tuning_runner", "export_library", "check_runnable", "device_sources"]
 
 name = "cuda"
 device = "cuda"
@@ -116,6 +116,15 @@ def schedule_passes(target: Any) -> list:
 
     return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                     dl.gpu.Fallback())]
+
+
+def default_schedule(kernel: Any, target: Any) -> Any | None:
+    """None: tuning on GPUs starts from MetaSchedule's own candidates (dlight schedules are not entered)."""
+    return None
+
+
+def runtime_setup() -> None:
+    """Nothing: kernels run on the GPU; the host side is the VM alone."""
 
 
 def lower_passes(target: Any) -> list:

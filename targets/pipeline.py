@@ -12,46 +12,84 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dyncompile.errors import ConfigError
 from dyncompile.targets import get_target
 
-__all__ = ["PREPARE_PASSES", "TRANSFORM_SUFFIX", "prepare", "entry_module", "kernels", "is_scheduled",
+__all__ = ["PREPARE_PASSES", "LAYOUTS", "TRANSFORM_SUFFIX", "prepare", "entry_module", "kernels", "is_scheduled",
            "apply_database", "compile_module"]
 
 TRANSFORM_SUFFIX = "_transform_params"  # `<sub-net>_transform_params`: weight arithmetic run once at load
 
-# (name, tvm.relax.transform pass), in order; names are what `dump_after` takes.
-PREPARE_PASSES: list[tuple[str, str]] = [
+
+def _relax(pass_name: str) -> Callable[[Any, str], Any]:
+    def make(_target: Any, _layout: str) -> Any:
+        from tvm import relax
+
+        return getattr(relax.transform, pass_name)()
+
+    return make
+
+
+def _blocked_layout(target: Any, layout: str) -> Any | None:
+    if layout != "blocked" or target.kind.name != "llvm":
+        return None
+    from dyncompile.targets.blocked_layout import to_blocked_layout
+    from dyncompile.targets.llvm_common import vector_lanes
+
+    return to_blocked_layout(vector_lanes(target))
+
+
+def _legalize(_target: Any, _layout: str) -> Any:
+    from tvm import relax
+
+    from dyncompile.targets.blocked_layout import BLOCKED_LEGALIZE
+
+    return relax.transform.LegalizeOps(BLOCKED_LEGALIZE)  # unblocked conv2d legalizes the default way
+
+
+LAYOUTS = ("blocked", "nchw")  # `prepare(layout=)`: CPU convolutions in NCHW[b]c (the default) or left in NCHW
+
+# (name, factory(target, layout) → pass or None to skip), in order; names are what `dump_after` takes.
+PREPARE_PASSES: list[tuple[str, Callable[[Any, str], Any]]] = [
     # Composite ops → arithmetic for inference (BN variants `for_inference` left, layer norm…), then drop
     # the trivial bindings that leaves.
-    ("decompose", "DecomposeOpsForInference"),
-    ("canonicalize", "CanonicalizeBindings"),
-    # Arithmetic on weights only (BN scale and shift) moves to `<name>_transform_params`, run once at load.
-    ("lift-params", "LiftTransformParams"),
+    ("decompose", _relax("DecomposeOpsForInference")),
+    ("canonicalize", _relax("CanonicalizeBindings")),
+    # LLVM targets: convolutions in the blocked layout NCHW[b]c (see blocked_layout.py); before lifting, so the
+    # weights' layout transforms run once at load.
+    ("blocked-layout", _blocked_layout),
+    ("normalize", _relax("Normalize")),
+    # Arithmetic on weights only (BN scale and shift, layout transforms) moves to `<name>_transform_params`.
+    ("lift-params", _relax("LiftTransformParams")),
     # Legalize to TIR and fuse (the "zero" pipeline): MetaSchedule extracts 0 tasks before this.
-    ("legalize", "LegalizeOps"),
-    ("annotate", "AnnotateTIROpPattern"),
-    ("fold-constants", "FoldConstant"),
-    ("fuse", "FuseOps"),
-    ("fuse-tir", "FuseTIR"),
+    ("legalize", _legalize),
+    ("annotate", _relax("AnnotateTIROpPattern")),
+    ("fold-constants", _relax("FoldConstant")),
+    ("fuse", _relax("FuseOps")),
+    ("fuse-tir", _relax("FuseTIR")),
 ]
 
 
-def prepare(mod: Any, target: Any, *, dump_after: str | None = None, log: list | None = None) -> Any:
-    """Run `PREPARE_PASSES` under `target`; `dump_after`: print the module after that pass (debugging);
-    `log`: gets (pass, seconds) per pass."""
+def prepare(mod: Any, target: Any, *, layout: str = "blocked", dump_after: str | None = None,
+            log: list | None = None) -> Any:
+    """Run `PREPARE_PASSES` under `target`; `layout`: one of `LAYOUTS` ("nchw" is for measuring what the
+    blocked layout buys); `dump_after`: print the module after that pass (debugging); `log`: gets (pass,
+    seconds) per pass."""
     import tvm
-    from tvm import relax
 
     names = [name for name, _ in PREPARE_PASSES]
     if dump_after is not None and dump_after not in names:
         raise ConfigError(f"unknown pass '{dump_after}'; passes: {', '.join(names)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout '{layout}'; layouts: {', '.join(LAYOUTS)}")
     with target, tvm.transform.PassContext(opt_level=3):
-        for name, pass_name in PREPARE_PASSES:
+        for name, make_pass in PREPARE_PASSES:
             start = time.perf_counter()
-            mod = getattr(relax.transform, pass_name)()(mod)
+            step = make_pass(target, layout)
+            if step is not None:
+                mod = step(mod)
             if log is not None:
                 log.append((name, time.perf_counter() - start))
             if name == dump_after:

@@ -25,7 +25,8 @@ from dyncompile.targets import get_target
 from dyncompile.targets.pipeline import entry_module
 
 __all__ = ["Progress", "TuningReport", "TuneLedger", "check_tuning_options", "tuning_dir_for",
-           "load_tensor_intrinsics", "search_strategy", "by_tuning_value", "next_round_size", "tune"]
+           "load_tensor_intrinsics", "search_strategy", "by_tuning_value", "next_round_size", "measure_default_schedule",
+           "tune"]
 
 Progress = Callable[[str, str], None]  # (stage, message): stages "import", "prepare", "tune", "compile"
 
@@ -157,6 +158,35 @@ def next_round_size(pending: int, done: int, spent_s: float, budget_s: float | N
     return min(pending, int(max(0.0, budget_s - spent_s) // per_kernel))
 
 
+def measure_default_schedule(kind: Any, task_mod: Any, target: Any, builder: Any, runner: Any,
+                             database: Any) -> float | None:
+    """Build and measure `task_mod`'s default schedule (the target's `default_schedule`) like a tuning candidate
+    and commit it to `database` as a record: the search starts from it (MetaSchedule seeds its population with
+    the database's best) and the database's best is never slower than the untuned build. Seconds per run, or
+    None where the target has no default schedule for it or it failed to build or run."""
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    sch = kind.default_schedule(task_mod, target)
+    if sch is None:
+        return None
+    args_info = ms.arg_info.ArgInfo.from_prim_func(task_mod["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg:
+        return None
+    try:
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, kind.device, args_info)])
+        result = future.result()
+    finally:
+        shutil.rmtree(Path(built.artifact_path).parent, ignore_errors=True)
+    if result.error_msg or not result.run_secs:
+        return None
+    workload = database.commit_workload(task_mod)
+    database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, args_info))
+    return float(sum(float(t) for t in result.run_secs) / len(result.run_secs))
+
+
 def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir: str | Path, trials: int, *,
          time_budget_s: float | None = None, builder_timeout_s: float = 120.0, builder: Any = None,
          runner: Any = None, progress: Progress | None = None) -> TuningReport:
@@ -176,6 +206,9 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
     (and to measure callbacks) only when it *joins* a task, and it joins every task of a call only after all of
     them have run their first batch: tuned together, a kill at minute 14 of 15 left an empty database. One
     kernel at a time, a kill loses at most the kernel in flight; the rest are in the database and the ledger.
+
+    Each kernel's default schedule is measured first and kept as a record (`measure_default_schedule`): tuning
+    starts from it and can only replace it with something faster.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
@@ -234,6 +267,7 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
         while size := next_round_size(len(pending) - tuned, tuned, time.perf_counter() - start, time_budget_s):
             for i in range(tuned, tuned + size):
                 current[0] = i
+                measure_default_schedule(kind, kernels[i], target, builder, runner, database)
                 ms.tune_tasks(tasks=[contexts[i]], task_weights=[weights[i]], work_dir=str(tuning_dir),
                               max_trials_global=trials, max_trials_per_task=trials,
                               num_trials_per_iter=min(64, trials), builder=builder, runner=runner,

@@ -23,6 +23,7 @@ from dyncompile.measure import count_macs
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.pipeline import analyse_model
 from dyncompile.targets import UnknownTargetError, cpu, get_target, known_targets
+from dyncompile.targets.llvm_common import physical_cores
 from dyncompile.targets.pipeline import entry_module, prepare
 from dyncompile.targets.relax_import import import_subnet
 from dyncompile.targets.tuning import by_tuning_value, next_round_size, tune
@@ -86,7 +87,7 @@ def test_cpu_target_is_llvm_for_this_host():
     target = get_target("cpu").tvm_target()
     assert target.kind.name == "llvm"
     assert str(target.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu()
-    assert int(target.attrs["num-cores"]) == os.cpu_count()
+    assert int(target.attrs["num-cores"]) == physical_cores()
     with pytest.raises(ConfigError, match="does not know the CPU"):
         get_target("cpu").tvm_target(mcpu="no-such-cpu")
 
