@@ -9,12 +9,14 @@ the build gives every unscheduled kernel a schedule written for its kind:
                                           blocks and the kernel window, the epilogue (BN scale and shift, residual
                                           add, ReLU) applied to the tile while it is in registers, output rows
                                           in parallel
+    one other reduction (+ epilogue)      dense layers, global pooling: the innermost output loop tiled to a few
+                                          vectors accumulated in registers, reduction loops outside it
     anything else                         leading spatial loops fused and run in parallel
 
-    mod = default_schedules(target)(mod)   # a module pass; kernels already scheduled (tuned) are left alone
+    mod = default_schedules(target, lanes)(mod)   # a module pass; kernels already scheduled (tuned) are left alone
 
-A kernel a rule cannot handle (a TIR schedule primitive refuses it) keeps its plain loops: schedule primitives
-check their own legality, so a rule can fail but cannot make a kernel compute something else.
+The rules are tried in that order, each on a fresh schedule; a kernel no rule fits keeps its plain loops.
+Schedule primitives check their own legality, so a rule can fail but cannot make a kernel compute something else.
 """
 
 from __future__ import annotations
@@ -70,18 +72,30 @@ def _extent(sch: Any, loop: Any) -> int:
     return int(sch.get(loop).extent)
 
 
-def _schedule_conv2d_nchwc(sch: Any, conv: Any, lanes: int, cores: int) -> None:
+def _around(sch: Any, reduction: Any) -> tuple[list, Any]:
+    """The blocks before `reduction` (padding, transposes), and the one block its result flows into: the
+    element-wise blocks after it are inlined into the last (a cache write when there are none)."""
     blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(b).name_hint for b in blocks]
-    position = names.index(sch.get(conv).name_hint)
-    # the epilogue: everything after the convolution collapses into its last block, which runs per register tile
+    position = names.index(sch.get(reduction).name_hint)
     consumers = blocks[position + 1:]
     for block in consumers[:-1]:
         sch.compute_inline(block)
-    if consumers:
-        epilogue = consumers[-1]
-    else:
-        epilogue = sch.cache_write(conv, 0, "global")
+    return blocks[:position], consumers[-1] if consumers else sch.cache_write(reduction, 0, "global")
+
+
+def _register_tile_epilogue(sch: Any, epilogue: Any, depth: int) -> None:
+    """The epilogue's loops under the first `depth` (the tile's), unrolled with the innermost vectorized: the
+    accumulators stay in registers only if every access to them has a constant index."""
+    tile_loops = sch.get_loops(epilogue)[depth:]
+    for loop in tile_loops[:-1]:
+        sch.unroll(loop)
+    if tile_loops:
+        sch.vectorize(tile_loops[-1])
+
+
+def _schedule_conv2d_nchwc(sch: Any, conv: Any, lanes: int, cores: int) -> None:
+    producers, epilogue = _around(sch, conv)
     loops = sch.get_loops(conv)
     n, oc_chunk, oh, ow, oc_block = loops[:5]
     rows = register_rows(_extent(sch, ow), lanes)
@@ -102,7 +116,7 @@ def _schedule_conv2d_nchwc(sch: Any, conv: Any, lanes: int, cores: int) -> None:
     sch.reverse_compute_at(epilogue, ow_outer)
     # the padding is read in place (a bounds check the unrolled window mostly folds away): a separate padded
     # copy costs a second parallel region and a pass over memory per kernel, measured slower on ResNet-20
-    for producer in blocks[:position]:
+    for producer in producers:
         sch.compute_inline(producer)
     sch.set_scope(conv, 0, "local")
     sch.vectorize(oc_block)
@@ -110,12 +124,36 @@ def _schedule_conv2d_nchwc(sch: Any, conv: Any, lanes: int, cores: int) -> None:
     sch.unroll(kw)
     init = sch.decompose_reduction(conv, reduction_start)
     sch.vectorize(sch.get_loops(init)[-1])
-    # the tile's loops, unrolled: the accumulators stay in registers only if every access has a constant index
-    tile_loops = sch.get_loops(epilogue)[2:]  # under (n·oc_chunk·oh fused, ow_outer)
-    for loop in tile_loops[:-1]:
-        sch.unroll(loop)
-    if tile_loops:
-        sch.vectorize(tile_loops[-1])
+    _register_tile_epilogue(sch, epilogue, 2)  # under (n·oc_chunk·oh fused, ow_outer)
+
+
+def _schedule_reduction(sch: Any, reduction: Any, lanes: int, cores: int) -> None:
+    """Any other reduction (a dense layer's matmul, global pooling): the innermost output loop is tiled to a few
+    vectors accumulated in registers while the reduction loops run outside it, outer output loops in parallel."""
+    producers, epilogue = _around(sch, reduction)
+    for producer in producers:
+        sch.compute_inline(producer)
+    loops = sch.get_loops(reduction)
+    spatial_count = _spatial_count(sch, reduction)
+    spatial, reduce = loops[:spatial_count], loops[spatial_count:]
+    if not spatial or not reduce or len(sch.get(reduction).iter_vars) != len(loops):
+        raise ValueError("not a spatial-then-reduction loop nest")
+    elements = 1
+    for loop in spatial:
+        elements *= _extent(sch, loop)
+    last = _extent(sch, spatial[-1])
+    tile = max(d for d in range(1, min(last, 4 * lanes) + 1) if last % d == 0)
+    tile_outer, tile_inner = sch.split(spatial[-1], [None, tile])
+    sch.reorder(*spatial[:-1], tile_outer, *reduce, tile_inner)
+    outer = sch.fuse(*spatial[:-1], tile_outer) if len(spatial) > 1 else tile_outer
+    if cores > 1 and _extent(sch, outer) >= 2 and elements >= PARALLEL_MIN_ELEMENTS // 16:
+        sch.parallel(outer)
+    sch.reverse_compute_at(epilogue, outer)
+    sch.set_scope(reduction, 0, "local")
+    sch.vectorize(tile_inner)
+    init = sch.decompose_reduction(reduction, reduce[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    _register_tile_epilogue(sch, epilogue, 1)
 
 
 def default_schedule(kernel: Any, lanes: int, cores: int) -> Any | None:
@@ -123,18 +161,40 @@ def default_schedule(kernel: Any, lanes: int, cores: int) -> Any | None:
     `tvm.s_tir.Schedule` (tuning enters its trace as a measured candidate), or None if no rule applies."""
     from tvm.s_tir import Schedule, ScheduleError
 
-    sch = Schedule(kernel)
-    blocks = {sch.get(b).name_hint: b for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    try:
-        conv = next((b for name, b in blocks.items() if name.startswith(CONV_BLOCKS)), None)
-        if conv is not None:
-            _schedule_conv2d_nchwc(sch, conv, lanes, cores)
-        else:
-            for block in blocks.values():
-                _parallel_spatial(sch, block, cores)
-    except (ScheduleError, ValueError):
-        return None
-    return sch
+    for rule in (_conv_rule, _reduction_rule, _spatial_rule):
+        sch = Schedule(kernel)
+        try:
+            if rule(sch, lanes, cores):
+                return sch
+        except (ScheduleError, ValueError):
+            continue  # a rule that does not fit this kernel; the next one starts from a fresh schedule
+    return None
+
+
+def _root_blocks(sch: Any) -> list:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _conv_rule(sch: Any, lanes: int, cores: int) -> bool:
+    conv = next((b for b in _root_blocks(sch) if sch.get(b).name_hint.startswith(CONV_BLOCKS)), None)
+    if conv is None:
+        return False
+    _schedule_conv2d_nchwc(sch, conv, lanes, cores)
+    return True
+
+
+def _reduction_rule(sch: Any, lanes: int, cores: int) -> bool:
+    reductions = [b for b in _root_blocks(sch) if _spatial_count(sch, b) < len(sch.get(b).iter_vars)]
+    if len(reductions) != 1:
+        return False
+    _schedule_reduction(sch, reductions[0], lanes, cores)
+    return True
+
+
+def _spatial_rule(sch: Any, lanes: int, cores: int) -> bool:
+    for block in _root_blocks(sch):
+        _parallel_spatial(sch, block, cores)
+    return True
 
 
 def schedule_kernel(kernel: Any, lanes: int, cores: int) -> Any | None:

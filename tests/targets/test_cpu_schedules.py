@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -128,3 +127,30 @@ def test_loading_a_deployable_sizes_tvms_thread_pool_to_the_cores(odd, tmp_path)
     env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert int(out.split()[-1]) == physical_cores()
+
+
+class UnevenConcat(nn.Module):
+    """Concatenates 12- and 6-channel maps: 18 channels in no block of the first input's 12 (TVM's ConvertLayout
+    fails with "Invalid layout axis 12b")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.c = nn.Conv2d(18, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_subnet_the_layout_cannot_be_carried_through_keeps_nchw_with_a_warning(caplog, tmp_path):
+    torch.manual_seed(0)
+    dg = analyse_model(UnevenConcat().eval(), (1, 3, 8, 8), groups=2)
+    subnets = {"w100": uniform_config(dg, 1.0)}
+    with caplog.at_level("WARNING", logger="dyncompile"):
+        model = runtime.load(write_deployable(tmp_path / "d", build(dg, subnets), dg))
+    assert "sub-net w100 keeps its convolutions in NCHW (slower)" in caplog.text
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = extract_subnet(dg, subnets["w100"]).eval()(x)
+    assert torch.allclose(model.run(x, subnet="w100"), expected, atol=1e-4, rtol=0)
