@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,14 +42,15 @@ from dyncompile.targets import pipeline  # noqa: E402
 from dyncompile.targets.llvm_common import physical_cores  # noqa: E402
 from dyncompile.zoo import ZOO  # noqa: E402
 from dyncompile.zoo import build as build_zoo_model  # noqa: E402
-from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
+from dyncompile.zoo.resnet import resnet18, resnet20_fashion  # noqa: E402
 
 # name -> (factory, input shape)
 MODELS = {
     "resnet20-cifar": (lambda: build_zoo_model("resnet20-cifar"), ZOO["resnet20-cifar"].input_shape),
     "resnet20-fashion": (resnet20_fashion, (1, 1, 28, 28)),
     "mobilenetv2-224": (lambda: build_zoo_model("mobilenetv2-imagenet"), ZOO["mobilenetv2-imagenet"].input_shape),
-    "resnet18-224": (lambda: build_zoo_model("resnet18-imagenet"), ZOO["resnet18-imagenet"].input_shape),
+    "resnet18-tiny-224": (lambda: build_zoo_model("resnet18-imagenet"), ZOO["resnet18-imagenet"].input_shape),
+    "resnet18-224": (resnet18, (1, 3, 224, 224)),  # real widths: 1.8 GMACs
 }
 PEAK_GFLOPS = 237.0  # this machine: 2 cores × 32 FP32 FLOP/cycle (one 512-bit FMA) × ~3.7 GHz; --peak-gflops
 
@@ -134,13 +136,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="timed calls per engine and sub-net")
     parser.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--rows-to", type=Path, default=None, help=argparse.SUPPRESS)  # one child's rows
     args = parser.parse_args()
+    if args.rows_to:  # a child: one model, one batch size, in a process of its own
+        args.rows_to.write_text(json.dumps(bench_model(args.models, int(args.batches), args)))
+        return
     rows = []
     for key in [m for m in args.models.split(",") if m]:
         if key not in MODELS:
             raise SystemExit(f"unknown model '{key}'; models: {', '.join(MODELS)}")
         for batch in [int(b) for b in args.batches.split(",")]:
-            rows += bench_model(key, batch, args)
+            # each model in a fresh process, as a user runs one: nothing left over from the last model's engines
+            with tempfile.TemporaryDirectory() as tmp:
+                child = [a for a in sys.argv[1:]]
+                child += ["--models", key, "--batches", str(batch), "--rows-to", f"{tmp}/rows.json"]
+                subprocess.run([sys.executable, __file__, *child], check=True)
+                rows += json.loads(Path(f"{tmp}/rows.json").read_text())
     print(f"\nbatch rows: TVM as `dyncompile build --target cpu` builds it (layout {args.layout}, "
           f"{'tuned' if args.tune_trials or args.tune_minutes else 'untuned default schedules'}); ONNX Runtime "
           f"1 session per sub-net, CPU provider, {physical_cores()} intra-op threads, its other defaults; "

@@ -136,3 +136,9 @@ def resnet18_tiny_imagenet(num_classes: int = 1000) -> nn.Module:
 def resnet26_bottleneck_tiny_imagenet(num_classes: int = 1000) -> nn.Module:
     """Bottleneck ResNet (2, 2, 2, 2), planes 8/16/32/64 -> outputs 32/64/128/256."""
     return ResNet(Bottleneck, (2, 2, 2, 2), (8, 16, 32, 64), stem="imagenet", num_classes=num_classes)
+
+
+def resnet18(num_classes: int = 1000) -> nn.Module:
+    """ResNet-18 at its real widths 64/128/256/512 (11.7 M parameters, 1.8 GMACs at 3×224×224): the size a user
+    deploys, for latency and memory measurements."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), stem="imagenet", num_classes=num_classes)
