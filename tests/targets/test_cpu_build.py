@@ -423,9 +423,10 @@ def test_each_kernel_reaches_the_database_before_the_next_is_built(tmp_path):
         report = tune(mod, ["w50"], target, "cpu", tmp_path, 2, builder=CountingBuilder(), progress=progress)
     finally:
         inner.close()
-    assert report.tuned == report.tasks >= 3 and len(batches) >= report.tasks
+    # per kernel: one build of its default schedule (one candidate, measured and committed first), then its batch
+    assert report.tuned == report.tasks >= 3 and len(batches) >= 2 * report.tasks and batches[0] == 1
     built, committed, ledger_written = seen_at_first_join[0]
-    assert built == 1 and committed >= 1 and ledger_written, seen_at_first_join
+    assert built == 2 and committed >= 2 and ledger_written, seen_at_first_join
 
 
 @pytest.mark.slow
