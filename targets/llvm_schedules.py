@@ -15,12 +15,14 @@ the build gives every unscheduled kernel a schedule written for its kind:
 
     mod = default_schedules(target, lanes)(mod)   # a module pass; kernels already scheduled (tuned) are left alone
 
-The rules are tried in that order, each on a fresh schedule; a kernel no rule fits keeps its plain loops.
+The rules are tried in that order, each on a fresh schedule; a kernel no rule fits keeps its plain loops (and
+the build says so on the `dyncompile` logger).
 Schedule primitives check their own legality, so a rule can fail but cannot make a kernel compute something else.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 __all__ = ["default_schedules", "default_schedule", "schedule_kernel", "register_rows", "CONV_BLOCKS"]
@@ -219,7 +221,7 @@ def default_schedules(target: Any, lanes: int) -> Any:
 
     @tvm.transform.module_pass(opt_level=0, name="DyncompileDefaultSchedules")
     def apply(mod: Any, _ctx: Any) -> Any:
-        updates = {}
+        updates, plain = {}, []
         for gvar, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
@@ -228,6 +230,12 @@ def default_schedules(target: Any, lanes: int) -> Any:
             scheduled = schedule_kernel(func, lanes, cores)
             if scheduled is not None:
                 updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
+            else:
+                plain.append(gvar.name_hint)
+        if plain:
+            logging.getLogger("dyncompile").warning(
+                "%d kernel(s) fit no default CPU schedule and run as plain single-threaded loops: %s", len(plain),
+                ", ".join(sorted(plain)[:8]))
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod
