@@ -65,7 +65,8 @@ def main() -> None:
     for label, key in (("loaded", "loaded"), ("after one run of each sub-net (steady)", "ran")):
         print(f"| {label} | {(got[key] - got['base']) * mb:.1f} | {(got[key] - got['base']) / weights:.2f} |")
     peak = got["peak"] - got["base"]
-    print(f"| peak while loading and running (VmHWM after a reset, − RSS before) | {peak * mb:.1f} | {peak / weights:.2f} |")
+    print(f"| peak while loading and running (VmHWM after a reset, − RSS before) | {peak * mb:.1f} | "
+          f"{peak / weights:.2f} |")
 
 
 if __name__ == "__main__":

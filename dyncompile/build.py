@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from dyncompile.workspace import load_workspace
 
 # uniform_subnets, tuning_dir_for and check_tuning_options are here too: what a caller of `build` needs
 __all__ = ["BuildError", "BuildResult", "DeployableBuild", "SubnetBuild", "TuningReport", "build", "build_deployable",
-           "uniform_subnets", "tuning_dir_for", "check_tuning_options"]
+           "tuned_pays", "uniform_subnets", "tuning_dir_for", "check_tuning_options"]
 
 _FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -217,9 +218,31 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
         if progress:
             progress("measure", "latency")
         latencies, how, why_not = _measure_latencies(path, manifest, rpc, repeats=10 if rpc else 30)
+        if latencies and tune_trials:
+            # MetaSchedule measures a kernel alone; in the network its pick can be slower than the default
+            # schedules (seen on CPUs at 8 trials), so the tuned deployable has to win end to end to be kept
+            default = build(source.dg, source.configs, target=target, target_options=options, batch_size=batch_size,
+                            rpc=rpc, own_tensors=source.own_tensors, progress=progress)
+            with tempfile.TemporaryDirectory(prefix=".untuned-", dir=path.parent) as tmp:
+                untuned = write_deployable(Path(tmp) / "d", default, source.dg)
+                default_ms, _, _ = _measure_latencies(untuned, read_manifest(untuned), rpc, repeats=10 if rpc else 30)
+            if default_ms and not tuned_pays(latencies, default_ms):
+                notes.append(f"tuning did not pay end to end ({sum(latencies.values()):.3f} ms for the sub-nets "
+                             f"tuned, {sum(default_ms.values()):.3f} ms with the default schedules): the deployable "
+                             f"uses the default schedules; the tuning database keeps its records")
+                result, latencies = default, default_ms
+                write_deployable(path, result, source.dg,
+                                 model={"source": ws.spec.get("model"), **workspace_facts(workspace)},
+                                 accuracy=source.accuracy, search=source.search)
         if latencies:
             manifest = record_latencies(path, latencies, how=how)
         else:
             notes.append(f"latency not measured: the deployable cannot run here ({why_not}); "
                          f"`dyncompile bench` on the target records it")
     return DeployableBuild(path, manifest, result, notes)
+
+
+def tuned_pays(tuned_ms: dict[str, float], default_ms: dict[str, float]) -> bool:
+    """Whether a tuned build is worth keeping over the default schedules: its sub-nets, timed one after another
+    in the same way, take no longer in all."""
+    return sum(tuned_ms.values()) <= sum(default_ms.values())

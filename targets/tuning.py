@@ -25,8 +25,8 @@ from dyncompile.targets import get_target
 from dyncompile.targets.pipeline import entry_module
 
 __all__ = ["Progress", "TuningReport", "TuneLedger", "check_tuning_options", "tuning_dir_for",
-           "load_tensor_intrinsics", "search_strategy", "by_tuning_value", "next_round_size", "measure_default_schedule",
-           "tune"]
+           "load_tensor_intrinsics", "search_strategy", "by_tuning_value", "next_round_size",
+           "measure_default_schedule", "tune"]
 
 Progress = Callable[[str, str], None]  # (stage, message): stages "import", "prepare", "tune", "compile"
 
