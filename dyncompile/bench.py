@@ -28,8 +28,8 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.subnet_choice import subnets_from_workspace, workspace_facts
 from dyncompile.workspace import load_workspace
 
-__all__ = ["ENGINES", "default_compare", "kernel_times", "SubnetBench", "interleaved_medians", "onnx_runner", "torch_runner", "reference_modules",
-           "bench_deployable"]
+__all__ = ["ENGINES", "default_compare", "kernel_times", "SubnetBench", "interleaved_medians", "onnx_runner",
+           "torch_runner", "reference_modules", "bench_deployable"]
 
 ENGINES = ("onnxruntime", "torch")  # what --compare accepts
 

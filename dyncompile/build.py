@@ -208,8 +208,8 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
     if progress:
         progress("write", "the deployable")
     path = Path(output) if output is not None else default_output(workspace, target)
-    write_deployable(path, result, source.dg, model={"source": ws.spec.get("model"), **workspace_facts(workspace)},
-                     accuracy=source.accuracy, search=source.search)
+    model_facts = {"source": ws.spec.get("model"), **workspace_facts(workspace)}
+    write_deployable(path, result, source.dg, model=model_facts, accuracy=source.accuracy, search=source.search)
     manifest = read_manifest(path)
     if manifest.target.get("device_code") == "source":
         notes.append("no CUDA driver here: the library carries its kernels as CUDA C, which the GPU machine's TVM "
@@ -217,7 +217,8 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
     if measure:
         if progress:
             progress("measure", "latency")
-        latencies, how, why_not = _measure_latencies(path, manifest, rpc, repeats=10 if rpc else 30)
+        repeats = 10 if rpc else 30
+        latencies, how, why_not = _measure_latencies(path, manifest, rpc, repeats)
         if latencies and tune_trials:
             # MetaSchedule measures a kernel alone; in the network its pick can be slower than the default
             # schedules (seen on CPUs at 8 trials), so the tuned deployable has to win end to end to be kept
@@ -225,15 +226,14 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
                             rpc=rpc, own_tensors=source.own_tensors, progress=progress)
             with tempfile.TemporaryDirectory(prefix=".untuned-", dir=path.parent) as tmp:
                 untuned = write_deployable(Path(tmp) / "d", default, source.dg)
-                default_ms, _, _ = _measure_latencies(untuned, read_manifest(untuned), rpc, repeats=10 if rpc else 30)
+                default_ms, _, _ = _measure_latencies(untuned, read_manifest(untuned), rpc, repeats)
             if default_ms and not tuned_pays(latencies, default_ms):
                 notes.append(f"tuning did not pay end to end ({sum(latencies.values()):.3f} ms for the sub-nets "
                              f"tuned, {sum(default_ms.values()):.3f} ms with the default schedules): the deployable "
                              f"uses the default schedules; the tuning database keeps its records")
                 result, latencies = default, default_ms
-                write_deployable(path, result, source.dg,
-                                 model={"source": ws.spec.get("model"), **workspace_facts(workspace)},
-                                 accuracy=source.accuracy, search=source.search)
+                write_deployable(path, result, source.dg, model=model_facts, accuracy=source.accuracy,
+                                 search=source.search)
         if latencies:
             manifest = record_latencies(path, latencies, how=how)
         else:

@@ -68,7 +68,7 @@ class TargetKind(Protocol):
 
     def default_schedule(self, kernel: Any, target: tvm.target.Target) -> Any | None:
         """The schedule an untuned `kernel` gets, as a traced `tvm.s_tir.Schedule`, or None (tuning measures it
-        first and keeps it in the database, so a tuned build is never slower than the default one)."""
+        first and keeps it in the database, so a tuned kernel replaces it only where it measured faster)."""
 
     def runtime_setup(self) -> None:
         """Process settings the runtime reads when it starts (cpu: TVM's thread count); called before loading a

@@ -21,8 +21,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["channel_block", "clip_as_min_max", "to_blocked_layout", "depthwise_conv2d_nchwc", "legalize_blocked_conv2d",
-           "BLOCKED_LEGALIZE", "DEPTHWISE_BLOCK"]
+from dyncompile.targets.llvm_common import largest_divisor
+
+__all__ = ["channel_block", "clip_as_min_max", "to_blocked_layout", "depthwise_conv2d_nchwc",
+           "legalize_blocked_conv2d", "BLOCKED_LEGALIZE", "DEPTHWISE_BLOCK"]
 
 DEPTHWISE_BLOCK = "depthwise_conv2d_NCHWc"  # the name of `depthwise_conv2d_nchwc`'s reduction
 
@@ -31,7 +33,7 @@ BLOCKED = re.compile(r"^NCHW(\d+)c$")
 
 def channel_block(channels: int, lanes: int) -> int:
     """The largest divisor of `channels` that is at most `lanes` (a block must divide the channel count)."""
-    return max(d for d in range(1, min(channels, lanes) + 1) if channels % d == 0)
+    return largest_divisor(channels, lanes)
 
 
 def clip_as_min_max() -> Any:
@@ -147,7 +149,7 @@ def legalize_blocked_conv2d(bb: Any, call: Any) -> Any:
     out_dtype = attrs.out_dtype if str(attrs.out_dtype) else call.args[0].ty.dtype
     if int(attrs.groups) != 1:
         return bb.call_te(depthwise_conv2d_nchwc, call.args[0], call.args[1], attrs.strides, attrs.padding,
-                          attrs.dilation, str(out_dtype), primfunc_name_hint="depthwise_conv2d_NCHWc")
+                          attrs.dilation, str(out_dtype), primfunc_name_hint=DEPTHWISE_BLOCK)
     return bb.call_te(topi.nn.conv2d_NCHWc, call.args[0], call.args[1], attrs.strides, attrs.padding,
                       attrs.dilation, attrs.data_layout, attrs.out_layout, str(out_dtype),
                       primfunc_name_hint="conv2d_NCHWc")

@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from dyncompile.errors import ConfigError
-from dyncompile.targets.llvm_common import build_candidate, isa_features, physical_cores, use_all_cores, vector_lanes
+from dyncompile.targets.llvm_common import build_candidate, isa_features, physical_cores, use_all_cores
 from dyncompile.targets.pooled_builder import pooled_builder
 
 __all__ = ["name", "device", "description", "tvm_target", "describe", "check_toolchain", "schedule_passes",
@@ -66,14 +66,14 @@ def schedule_passes(target: Any) -> list:
     """The default CPU schedules (`llvm_schedules`) for every kernel tuning did not cover."""
     from dyncompile.targets.llvm_schedules import default_schedules
 
-    return [default_schedules(target, vector_lanes(target))]
+    return [default_schedules(target)]
 
 
 def default_schedule(kernel: Any, target: Any) -> Any | None:
     """`kernel`'s default schedule as a traced Schedule (what tuning measures first), or None."""
-    from dyncompile.targets.llvm_schedules import default_schedule as llvm_default
+    from dyncompile.targets import llvm_schedules
 
-    return llvm_default(kernel, vector_lanes(target), int(target.attrs.get("num-cores", 1)))
+    return llvm_schedules.default_schedule(kernel, target)
 
 
 def runtime_setup() -> None:

@@ -1,6 +1,7 @@
 """What the LLVM-based targets share: cpu, arm, and the host part of cuda.
 
     isa_features(target)      # the instruction-set features a build enables (what check_runnable compares)
+    largest_divisor(n, at_most)   # the block and tile sizes of blocked layouts and default schedules
     vector_lanes(target)      # fp32 lanes of the widest vector unit the build may use (16 AVX-512, 8 AVX, 4 NEON)
     physical_cores()          # the cores this process may run on, hyper-threads counted once
     use_all_cores()           # TVM's thread pool sized to those cores (it otherwise takes half the CPUs on x86)
@@ -14,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ISA_FEATURE", "THREADS_ENV", "isa_features", "vector_lanes", "physical_cores", "use_all_cores",
-           "build_candidate"]
+__all__ = ["ISA_FEATURE", "THREADS_ENV", "isa_features", "largest_divisor", "vector_lanes", "physical_cores",
+           "use_all_cores", "build_candidate"]
 
 THREADS_ENV = "TVM_NUM_THREADS"
 
@@ -30,6 +31,11 @@ def isa_features(target: Any) -> list[str]:
     import tvm
 
     return sorted(f for f in tvm.target.codegen.llvm_get_cpu_features(target) if ISA_FEATURE.match(f))
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (a block or tile must divide the loop it splits)."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 def vector_lanes(target: Any) -> int:

@@ -13,7 +13,7 @@ the build gives every unscheduled kernel a schedule written for its kind:
                                           vectors accumulated in registers, reduction loops outside it
     anything else                         leading spatial loops fused and run in parallel
 
-    mod = default_schedules(target, lanes)(mod)   # a module pass; kernels already scheduled (tuned) are left alone
+    mod = default_schedules(target)(mod)   # a module pass; kernels already scheduled (tuned) are left alone
 
 The rules are tried in that order, each on a fresh schedule; a kernel no rule fits keeps its plain loops (and
 the build says so on the `dyncompile` logger).
@@ -25,16 +25,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["default_schedules", "default_schedule", "schedule_kernel", "register_rows", "CONV_BLOCKS"]
+from dyncompile.targets.blocked_layout import DEPTHWISE_BLOCK
+from dyncompile.targets.llvm_common import largest_divisor, vector_lanes
+from dyncompile.targets.pipeline import is_scheduled
 
-CONV_BLOCKS = ("conv2d_NCHWc", "depthwise_conv2d_NCHWc")  # reductions of topi.nn.conv2d_NCHWc, blocked depthwise
+__all__ = ["default_schedules", "default_schedule", "register_rows", "CONV_BLOCKS"]
+
+CONV_BLOCKS = ("conv2d_NCHWc", DEPTHWISE_BLOCK)  # the reductions of topi.nn.conv2d_NCHWc and of blocked depthwise
 
 
 def register_rows(width: int, lanes: int) -> int:
     """Output pixels per register tile: the largest divisor of the row `width` that leaves registers for the
     weights (AVX-512 and NEON have 32 vector registers, AVX2 16)."""
-    cap = 7 if lanes <= 8 else 14
-    return max(d for d in range(1, min(width, cap) + 1) if width % d == 0)
+    return largest_divisor(width, 7 if lanes <= 8 else 14)
 
 
 def _spatial_count(sch: Any, block: Any) -> int:
@@ -151,7 +154,7 @@ def _schedule_reduction(sch: Any, reduction: Any, lanes: int, cores: int) -> Non
     for loop in spatial:
         elements *= _extent(sch, loop)
     last = _extent(sch, spatial[-1])
-    tile = max(d for d in range(1, min(last, 4 * lanes) + 1) if last % d == 0)
+    tile = largest_divisor(last, 4 * lanes)
     tile_outer, tile_inner = sch.split(spatial[-1], [None, tile])
     sch.reorder(*spatial[:-1], tile_outer, *reduce, tile_inner)
     outer = sch.fuse(*spatial[:-1], tile_outer) if len(spatial) > 1 else tile_outer
@@ -165,9 +168,17 @@ def _schedule_reduction(sch: Any, reduction: Any, lanes: int, cores: int) -> Non
     _register_tile_epilogue(sch, epilogue, 1)
 
 
-def default_schedule(kernel: Any, lanes: int, cores: int) -> Any | None:
-    """The default schedule of `kernel` (a PrimFunc, or an IRModule holding it as "main") as a traced
+def _lanes_and_cores(target: Any) -> tuple[int, int]:
+    return vector_lanes(target), int(target.attrs.get("num-cores", 1))
+
+
+def default_schedule(kernel: Any, target: Any) -> Any | None:
+    """The default schedule of `kernel` (a PrimFunc, or an IRModule holding it as "main") for `target` as a traced
     `tvm.s_tir.Schedule` (tuning enters its trace as a measured candidate), or None if no rule applies."""
+    return _schedule(kernel, *_lanes_and_cores(target))
+
+
+def _schedule(kernel: Any, lanes: int, cores: int) -> Any | None:
     from tvm.s_tir import Schedule, ScheduleError
 
     for rule in (_conv_rule, _reduction_rule, _spatial_rule):
@@ -206,18 +217,11 @@ def _spatial_rule(sch: Any, lanes: int, cores: int) -> bool:
     return True
 
 
-def schedule_kernel(kernel: Any, lanes: int, cores: int) -> Any | None:
-    """A scheduled copy of `kernel` (a PrimFunc), or None if no rule applies."""
-    sch = default_schedule(kernel, lanes, cores)
-    return None if sch is None else sch.mod["main"]
-
-
-def default_schedules(target: Any, lanes: int) -> Any:
-    """Module pass: every unscheduled kernel gets `schedule_kernel`'s schedule for `target` (`lanes` fp32
-    vector lanes) and is marked scheduled."""
+def default_schedules(target: Any) -> Any:
+    """Module pass: every unscheduled kernel gets its default schedule for `target` and is marked scheduled."""
     import tvm
 
-    cores = int(target.attrs.get("num-cores", 1))
+    lanes, cores = _lanes_and_cores(target)
 
     @tvm.transform.module_pass(opt_level=0, name="DyncompileDefaultSchedules")
     def apply(mod: Any, _ctx: Any) -> Any:
@@ -225,11 +229,11 @@ def default_schedules(target: Any, lanes: int) -> Any:
         for gvar, func in mod.functions_items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
-            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+            if is_scheduled(func):
                 continue
-            scheduled = schedule_kernel(func, lanes, cores)
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
+            sch = _schedule(func, lanes, cores)
+            if sch is not None:
+                updates[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             else:
                 plain.append(gvar.name_hint)
         if plain:

@@ -162,8 +162,9 @@ def measure_default_schedule(kind: Any, task_mod: Any, target: Any, builder: Any
                              database: Any) -> float | None:
     """Build and measure `task_mod`'s default schedule (the target's `default_schedule`) like a tuning candidate
     and commit it to `database` as a record: the search starts from it (MetaSchedule seeds its population with
-    the database's best) and the database's best is never slower than the untuned build. Seconds per run, or
-    None where the target has no default schedule for it or it failed to build or run."""
+    the database's best) and a tuned schedule replaces it only where the runner measured it faster (on the kernel
+    alone: `build_deployable` checks the whole sub-nets). Seconds per run, or None where the target has no default
+    schedule for it or it failed to build or run."""
     import shutil
 
     from tvm.s_tir import meta_schedule as ms
@@ -208,7 +209,7 @@ def tune(mod: Any, entries: list[str], target: Any, target_name: str, tuning_dir
     kernel at a time, a kill loses at most the kernel in flight; the rest are in the database and the ledger.
 
     Each kernel's default schedule is measured first and kept as a record (`measure_default_schedule`): tuning
-    starts from it and can only replace it with something faster.
+    starts from it and replaces it only with something that measured faster on its own.
     """
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
