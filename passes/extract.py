@@ -3,8 +3,8 @@
 No masks: layers with a rule (`dyncompile.layer_rules`: convs, linears, norms…) are cut by their rule to the
 kept channels, any other module is copied as it is; parameters used directly in
 `forward` are sliced; ops whose arguments encode channel counts (view/reshape sizes, split sizes, chunk,
-slices, narrow, index_select indices, the sizes of `torch.zeros`-style fills) are rewritten from the concrete values seen while tracing, so even
-sizes written as constants in the model's code come out right. The batch dimension is never touched.
+slices, narrow, index_select indices, the sizes of `torch.zeros`-style fills) are rewritten from the concrete
+values seen while tracing, so even sizes written as constants in the model's code come out right. The batch dimension is never touched.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@
      control flow on shapes (``range(c // 4)``, ``if x.size(1) > 8``, ``assert x.shape[1] % 2 == 0``) trace;
    - ``bool()`` and ``int()`` of a value computed from sizes alone (``assert a.shape == b.shape``,
      ``int(x.size(0) * 0.5)``) are answered at the example;
-   - tensor factories given a size read off the input (``torch.zeros(b, c, h, w, dtype=x.dtype)``) are
-     recorded as graph calls;
-   - forward arguments with defaults (``forward(self, x, only_last=True)``) keep their default.
+   - ``torch.zeros/ones/full/empty/rand/randn`` given a size read off the input
+     (``torch.zeros(b, c, h, w, dtype=x.dtype)``) are recorded as graph calls (called as ``torch.<name>``);
+   - forward arguments whose defaults are flags, numbers, strings or None (``forward(self, x,
+     only_last=True)``) are traced at their default.
 
 The batch size stays symbolic: a dim is batch-dependent where the two example inputs (batch b and b + 1)
 disagree, and such sizes stay graph values. Where a Python answer differs between the two batch sizes, the
@@ -49,7 +50,7 @@ _SIZE_FACTORIES = ("zeros", "ones", "full", "empty", "rand", "randn")
 _ARGUMENT_GUARDS = (operator.eq, torch._assert, fx_tracing._assert_is_none)
 
 
-class _BatchDependentGraph(Exception):
+class BatchDependentGraph(Exception):
     """The traced graph differs at two batch sizes: the model's Python specialised on the batch size."""
 
     def __init__(self, message: str, frame: traceback.FrameSummary | None, module_stack: list[str]):
@@ -115,7 +116,7 @@ class _Tracer(fx.Tracer):
     def iter(self, obj: fx.Proxy):
         if self.examples is None:
             return super().iter(obj)
-        value = self.concrete(obj)[0]
+        value = _evaluate_partial(self.root, self.graph, obj.node, self.examples[0])
         if not isinstance(value, (tuple, list)):
             # Iterating a tensor walks its batch dimension: that depends on the input, not the model.
             return super().iter(obj)
@@ -228,26 +229,25 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
 
 
 def _defaulted_arguments(model: nn.Module) -> dict:
-    """Forward arguments after the input that have defaults (``only_last=True``): traced at their default."""
+    """Forward arguments after the input whose defaults are plain flags (``only_last=True``, ``mask=None``):
+    traced at their default. (fx would flatten a tuple default into inputs of its own.)"""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     params = list(inspect.signature(model.forward).parameters.values())[1:]
-    return {p.name: p.default for p in params if p.kind in kinds and p.default is not inspect.Parameter.empty}
+    return {p.name: p.default for p in params
+            if p.kind in kinds and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
 
 
 def _drop_argument_guards(graph: fx.Graph) -> None:
-    """Remove the placeholders of specialised arguments and fx's guards on them: the model takes x only."""
-    doomed: set[fx.Node] = set()
-    stack = [n for n in graph.nodes if n.op == "placeholder"][1:]
-    while stack:
-        node = stack.pop()
-        if node not in doomed:
+    """Remove the placeholder of each specialised argument with fx's guards on it: the model takes x only."""
+    for placeholder in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        doomed, stack = set(), [placeholder]
+        while stack:
+            node = stack.pop()
             doomed.add(node)
             stack.extend(node.users)
-    if any(n.op != "placeholder" and n.target not in _ARGUMENT_GUARDS for n in doomed):
-        return  # the argument is used for real: leave the graph as fx made it
-    for node in reversed(list(graph.nodes)):
-        if node in doomed:
-            graph.erase_node(node)
+        if all(n.op == "placeholder" or n.target in _ARGUMENT_GUARDS for n in doomed):
+            for node in reversed([n for n in graph.nodes if n in doomed]):  # users before what they use
+                graph.erase_node(node)
 
 
 def _finish(graph: fx.Graph, tracer: _Tracer, concrete_args: dict | None) -> None:
@@ -273,12 +273,16 @@ def _trace_once(model: nn.Module, leaf_modules, examples) -> fx.GraphModule:
     if tracer.batch_answers:
         # Some Python answer depended on the batch size: the graph must not (trace again at the other size).
         again = _Tracer(leaf_modules, examples[::-1])
-        other = again.trace(model, concrete_args or None)
-        _finish(other, again, concrete_args)
-        if fx.GraphModule(again.root, other).code != gm.code:
+        try:
+            other = again.trace(model, concrete_args or None)
+            _finish(other, again, concrete_args)
+            same = fx.GraphModule(again.root, other).code == gm.code
+        except Exception:  # noqa: BLE001 - e.g. `assert x.size(0) == 1`: the model itself needs that batch size
+            same = False
+        if not same:
             frame, modules = tracer.batch_answers[0]
             sizes = f"{len(examples[0])} and {len(examples[1])}"
-            raise _BatchDependentGraph(f"the graph differs at batch sizes {sizes}: the model's Python "
+            raise BatchDependentGraph(f"the graph differs at batch sizes {sizes}: the model's Python "
                                        "depends on the batch size", frame, modules)
     return gm
 
@@ -297,7 +301,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], leaf_modules: tuple[st
             gm = _trace_once(model, leaf_modules, mode_examples)
         except Exception as exc:  # noqa: BLE001
             # The symbolic error names the first untraceable line, unless the concrete tracer knows better.
-            first_error = exc if first_error is None or isinstance(exc, _BatchDependentGraph) else first_error
+            first_error = exc if first_error is None or isinstance(exc, BatchDependentGraph) else first_error
             continue
         return DynGraph(gm=gm, input_shape=tuple(input_shape), trace_mode=mode, leaf_modules=tuple(leaf_modules))
     raise TraceError(_describe_trace_failure(first_error)) from None
@@ -312,6 +316,7 @@ def _describe_trace_failure(exc: BaseException) -> str:
     fix = (
         f"mark that module opaque with --leaf {module} (it is then kept at full width)"
         if module
-        else "make the model's forward traceable by torch.fx (no Python control flow on tensor values)"
+        else "make the model's forward traceable by torch.fx (no Python control flow on tensor values or on the "
+        "batch size)"
     )
     return f"torch.fx cannot trace the model{where} ({type(exc).__name__}: {reason}); {fix}"
