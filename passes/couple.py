@@ -667,7 +667,7 @@ def _write_back(dg: DynGraph, analysis: CouplingAnalysis) -> None:
     dg.fixed_reasons = sorted({why for why, _ in analysis.fix_events})
 
     sets = []
-    target_order = [producer_target[p] for p in producer_names]
+    target_order = list(dict.fromkeys(producer_target[p] for p in producer_names))  # a module called twice: once
     for component in nx.connected_components(graph):
         members = [t for t in target_order if t in component]
         if not members:
