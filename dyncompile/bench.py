@@ -24,8 +24,10 @@ import numpy as np
 from dyncompile import runtime
 from dyncompile.deployable import DeployableError, Manifest, read_manifest
 from dyncompile.errors import ConfigError, one_line
+from dyncompile.ir import output_tensors
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.subnet_choice import subnets_from_workspace, workspace_facts
+from dyncompile.verify import output_error
 from dyncompile.workspace import load_workspace
 
 __all__ = ["ENGINES", "default_compare", "kernel_times", "SubnetBench", "interleaved_medians", "onnx_runner",
@@ -210,8 +212,8 @@ def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, r
                 if progress:
                     progress(s.name)
                 with torch.no_grad():
-                    expected = modules[s.name](torch.from_numpy(x)).numpy()
-                y = model.run(x, subnet=s.name)
+                    expected = output_tensors(modules[s.name](torch.from_numpy(x)))
+                got = output_tensors(model.run(torch.from_numpy(x), subnet=s.name))
                 if rpc:  # measured on the board by its own timer
                     tvm_ms, compare_ms = model.latency_ms(s.name, repeat=repeats), {}
                 else:
@@ -227,7 +229,7 @@ def bench_deployable(path: str | Path, *, workspace: str | Path | None = None, r
                     compare_ms = interleaved_medians(calls, repeats=repeats, warmup=warmup)
                     tvm_ms = compare_ms.pop("tvm")
                 rows.append(SubnetBench(s.name, s.macs, manifest.input.batch_size, tvm_ms,
-                                        float(np.abs(y - expected).max()), compare_ms,
+                                        output_error(got, expected), compare_ms,
                                         {} if rpc else failed))
     finally:
         torch.set_num_threads(threads_before)

@@ -14,7 +14,7 @@ from dyncompile.loading import ModelSource, guess_input_shape, load_model
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.rewrite import convert_to_slimmable
 from dyncompile.pipeline import analyse_model
-from dyncompile.verify import FULL_WIDTH_TOLERANCE
+from dyncompile.verify import FULL_WIDTH_TOLERANCE, output_error, output_scale
 from dyncompile.workspace import save_workspace
 
 __all__ = ["ConvertResult", "convert"]
@@ -64,8 +64,8 @@ def convert(model: str, *, workspace: str | Path, groups: int = 8, input_shape: 
     with torch.no_grad():
         expected = module(x)
         got = convert_to_slimmable(dg).eval()(x)
-    error = float((got - expected).abs().max())
-    tolerance = FULL_WIDTH_TOLERANCE * max(float(expected.abs().max()), 1e-12)
+    error = output_error(got, expected)
+    tolerance = FULL_WIDTH_TOLERANCE * output_scale(expected)
     if not error <= tolerance:
         raise InternalError(f"the converted model differs from the original at full width by {error:.3g} "
                             f"(> {tolerance:.3g}): please report this model")

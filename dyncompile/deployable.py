@@ -47,7 +47,8 @@ __all__ = ["DeployableError", "ParamSlice", "DeployedSubnet", "TargetFacts", "In
            "TuningSummary", "Manifest", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
            "own_tensor_key", "write_deployable", "read_manifest", "record_latencies"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: each sub-net had one "output"; 2: a list of "outputs" (dense prediction)
 KIND = "dyncompile-deployable"
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -111,8 +112,7 @@ class DeployedSubnet:
     kernels: int
     tuned_kernels: int
     embedded_bytes: int
-    output_shape: tuple[int, ...]
-    output_dtype: str
+    outputs: tuple[TensorSpec, ...]  # what `function` returns, in order: one tensor, or several (a detector's)
     parameters: tuple[ParamSlice, ...]  # the inputs of `transform_function` (or of `function`), in order
     # the same sub-net in other engines (ONNX Runtime, eager PyTorch), ms, timed in the same run as latency_ms
     peer_latency_ms: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -121,7 +121,7 @@ class DeployedSubnet:
     def from_build(cls, s: Any, accuracy: float | None) -> DeployedSubnet:
         """From a `SubnetBuild` (what the build learned about the sub-net)."""
         return cls(s.name, s.function, s.transform_function, dict(s.config), s.macs, s.params, None, accuracy,
-                   s.kernels, s.tuned_kernels, s.embedded_bytes, tuple(s.output_shape), s.output_dtype,
+                   s.kernels, s.tuned_kernels, s.embedded_bytes, tuple(s.outputs),
                    tuple(s.parameters))
 
     def to_json(self) -> dict:
@@ -129,7 +129,7 @@ class DeployedSubnet:
                 "config": self.config, "macs": self.macs, "params": self.params, "latency_ms": self.latency_ms,
                 "accuracy": self.accuracy, "kernels": self.kernels, "tuned_kernels": self.tuned_kernels,
                 "embedded_bytes": self.embedded_bytes,
-                "output": {"shape": list(self.output_shape), "dtype": self.output_dtype},
+                "outputs": [t.to_json() for t in self.outputs],
                 "parameters": [p.to_json() for p in self.parameters], "peer_latency_ms": dict(self.peer_latency_ms)}
 
     @classmethod
@@ -137,7 +137,7 @@ class DeployedSubnet:
         return cls(d["name"], d["function"], d.get("transform_function"), dict(d["config"]), int(d["macs"]),
                    int(d["params"]), d.get("latency_ms"), d.get("accuracy"), int(d.get("kernels", 0)),
                    int(d.get("tuned_kernels", 0)), int(d.get("embedded_bytes", 0)),
-                   tuple(d["output"]["shape"]), d["output"]["dtype"],
+                   tuple(TensorSpec.from_json(t) for t in (d["outputs"] if "outputs" in d else [d["output"]])),
                    tuple(ParamSlice.from_json(p) for p in d["parameters"]),
                    {str(k): float(v) for k, v in (d.get("peer_latency_ms") or {}).items()})
 
@@ -185,6 +185,13 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
 
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorSpec:
+        return cls(tuple(d["shape"]), d["dtype"])
+
 
 @dataclass(frozen=True)
 class WeightsFile:
@@ -196,12 +203,12 @@ class WeightsFile:
 
     def to_json(self) -> dict:
         return {"file": self.file, "bytes": self.bytes,
-                "tensors": {k: {"shape": list(t.shape), "dtype": t.dtype} for k, t in self.tensors.items()}}
+                "tensors": {k: t.to_json() for k, t in self.tensors.items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> WeightsFile:
         return cls(d.get("file", WEIGHTS), int(d.get("bytes", 0)),
-                   {k: TensorSpec(tuple(t["shape"]), t["dtype"]) for k, t in d["tensors"].items()})
+                   {k: TensorSpec.from_json(t) for k, t in d["tensors"].items()})
 
 
 @dataclass(frozen=True)
@@ -425,7 +432,7 @@ def read_manifest(path: str | Path, *, verify_files: bool = True) -> Manifest:
     raw = read_json(manifest_path, DeployableError, "rebuild the deployable")
     if not isinstance(raw, dict) or raw.get("kind") != KIND:
         raise DeployableError(f"'{manifest_path}' is not a dyncompile deployable manifest")
-    if raw.get("format") != FORMAT_VERSION:
+    if raw.get("format") not in READABLE_FORMATS:
         raise DeployableError(f"deployable '{path}' has format {raw.get('format')}, this dyncompile reads "
                               f"{FORMAT_VERSION}; rebuild it with this version")
     try:

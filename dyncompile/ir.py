@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 __all__ = ["ARGS", "FIXED", "LABELS", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config", "keep_mask",
-           "reorder_groups"]
+           "reorder_groups", "output_tensors"]
 
 FIXED = 0
 LABELS = "dyncompile_labels"
@@ -103,6 +103,17 @@ class DynGraph:
 
 
 SubnetConfig = dict  # set name -> number of channel groups kept (a prefix of the set's groups)
+
+
+def output_tensors(value) -> tuple[torch.Tensor, ...]:
+    """A model's output as a flat tuple of tensors, in order: the one reading of "what a model returns" for
+    every step that compares, exports or runs outputs (a tensor, or a possibly nested tuple/list of tensors,
+    as dense-prediction models return several maps). Raises TypeError for anything else."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)):
+        return tuple(t for item in value for t in output_tensors(item))
+    raise TypeError(f"a model output must be a tensor or a tuple/list of tensors, not {type(value).__name__}")
 
 
 def uniform_config(dg: DynGraph, width: float) -> SubnetConfig:

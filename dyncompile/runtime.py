@@ -124,18 +124,20 @@ class DeployedModel:
     def run(self, x: Any, subnet: str | None = None, *, budget_ms: float | None = None) -> Any:
         """Run sub-net `subnet` (or the one `select(budget_ms)` picks; neither: the most accurate) on `x`.
 
-        `x` must have the deployable's input shape; a torch tensor gives a torch tensor back, anything else
-        a numpy array.
+        `x` must have the deployable's input shape; a torch tensor gives torch tensors back, anything else
+        numpy arrays: one for a sub-net with one output, else a tuple in the model's order (as the PyTorch
+        model returns them, e.g. a detector's class logits and box deltas).
         """
         name = self.choose(subnet, budget_ms)
-        y = self._execute(name, self._array(x))
+        outputs = self._execute(name, self._array(x))
         if hasattr(x, "detach"):
             import torch
 
-            return torch.from_numpy(y)
-        return y
+            outputs = [torch.from_numpy(y) for y in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
+    def _execute(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        """Every output of sub-net `name` on `x`, tuples flattened depth-first."""
         raise NotImplementedError
 
     def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
@@ -167,11 +169,10 @@ class LocalModel(DeployedModel):
         return tvm.runtime.tensor(self._array(x), self._device)
 
     def _call(self, name: str, x: Any) -> Any:
-        out = self._vm[self._records[name].function](x, *self._weights[name])
-        return out[0] if not hasattr(out, "numpy") else out
+        return self._vm[self._records[name].function](x, *self._weights[name])
 
-    def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
-        return self._call(name, self._input(x)).numpy()
+    def _execute(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        return _numpy_leaves(self._call(name, self._input(x)))
 
     def weights_of(self, subnet: str) -> list:
         """Sub-net `subnet`'s weight arguments as its compiled function takes them (on the device, transformed
@@ -230,8 +231,8 @@ class BoardModel(DeployedModel):
             self._weights[name] = vm.run(s.transform_function, [raw]) if s.transform_function else raw
         return [x, *self._weights[name]]
 
-    def _execute(self, name: str, x: np.ndarray) -> np.ndarray:
-        return self._board().run(self._records[name].function, self._arguments(name, x))[0]
+    def _execute(self, name: str, x: np.ndarray) -> list[np.ndarray]:
+        return self._board().run(self._records[name].function, self._arguments(name, x))
 
     def latency_ms(self, subnet: str, *, repeat: int = 50, warmup: int = 5) -> float:
         """Median time (ms) of one call of `subnet` measured on the board (its own timer; one warm-up call)."""
@@ -244,6 +245,13 @@ class BoardModel(DeployedModel):
         self._vm = None
         self._weights = {}
         self._session.close()
+
+
+def _numpy_leaves(value: Any) -> list[np.ndarray]:
+    """A VM function's return value (a tensor, or a tuple of them, possibly nested) as numpy arrays, in order."""
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    return [a for item in value for a in _numpy_leaves(item)]
 
 
 def _check_target(path: Path, manifest: Manifest) -> Any:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dyncompile.errors import one_line
-from dyncompile.ir import DynGraph, uniform_config
+from dyncompile.ir import DynGraph, output_tensors, uniform_config
 from dyncompile.layer_rules import ProducerRule, layer_rule_for
 from dyncompile.layers import ChannelMask
 from dyncompile.measure import count_macs, count_params
@@ -27,7 +27,7 @@ from dyncompile.passes.extract import extract_subnet
 from dyncompile.passes.trace import retrace
 from dyncompile.passes.rewrite import convert_to_slimmable, insert_channel_masks, set_subnet
 
-__all__ = ["WidthReport", "verify", "randomise_norm_statistics"]
+__all__ = ["WidthReport", "verify", "randomise_norm_statistics", "output_error", "output_scale"]
 
 FULL_WIDTH_TOLERANCE = 1e-5  # × output scale, float32
 EXTRACT_TOLERANCE = 1e-9  # × output scale, float64
@@ -68,8 +68,22 @@ def randomise_norm_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _scale(y: torch.Tensor) -> float:
-    return max(float(y.abs().max()), 1e-12)
+def output_scale(y) -> float:
+    """The largest magnitude over all of a model's outputs."""
+    return max(max(float(t.abs().max()) for t in output_tensors(y)), 1e-12)
+
+
+def output_error(got, expected) -> float:
+    """Largest absolute difference over all outputs; inf when their number or shapes differ."""
+    got, expected = output_tensors(got), output_tensors(expected)
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected)):
+        return float("inf")
+    return max(float((a - b).abs().max()) for a, b in zip(got, expected))
+
+
+def _equal(a, b) -> bool:
+    a, b = output_tensors(a), output_tensors(b)
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def _conv_channels(model: nn.Module) -> int:
@@ -87,11 +101,11 @@ def _verify_width(dg: DynGraph, width: float, config: dict, masked, weights, x64
         expected = masked(x64)
         got = subnet(x64)
         retraced = retrace(subnet, dg.leaf_modules)(x64)
-    error = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
-    tolerance = EXTRACT_TOLERANCE * _scale(expected)
+    error = output_error(got, expected)
+    tolerance = EXTRACT_TOLERANCE * output_scale(expected)
     if not error <= tolerance:
         problems.append(f"extracted sub-net differs from the masked model by {error:.3g} (> {tolerance:.3g})")
-    if not torch.equal(retraced, got):
+    if not _equal(retraced, got):
         problems.append("re-tracing the extracted sub-net with torch.fx changes its output")
     if any(isinstance(m, ChannelMask) for m in subnet.modules()):
         problems.append("extracted sub-net still contains masks")
@@ -118,8 +132,8 @@ def verify(dg: DynGraph, widths: list[float], reference: tuple[torch.Tensor, tor
     converted = convert_to_slimmable(dg).eval()
     with torch.no_grad():
         ref_in, ref_out = reference if reference is not None else (x32, dg.gm(x32))
-        full_error = float((converted(ref_in) - ref_out).abs().max())
-    full_tolerance = FULL_WIDTH_TOLERANCE * _scale(ref_out)
+        full_error = output_error(converted(ref_in), ref_out)
+    full_tolerance = FULL_WIDTH_TOLERANCE * output_scale(ref_out)
 
     weights = randomise_norm_statistics(copy.deepcopy(dg.gm).double(), seed)
     masked = insert_channel_masks(dg, weights).double().eval()

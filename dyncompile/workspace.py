@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ class Workspace:
     path: Path
     spec: dict
     dg: DynGraph
-    reference: tuple[torch.Tensor, torch.Tensor]
+    reference: tuple[torch.Tensor, Any]  # an input, and the original model's output: a tensor or a tuple of them
 
 
 def _set_record(s) -> dict:

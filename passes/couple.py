@@ -218,6 +218,7 @@ class CouplingAnalysis(fx.Interpreter):
         self.events: list[tuple[str, str, list[int]]] = []  # (node, why, atoms tied) for the coupling graph
         self.fix_events: list[tuple[str, list[int]]] = []  # (why, atoms fixed)
         self.modules = dict(gm.named_modules())
+        self.layer_calls: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> first call's in/out channels
 
     # ── plumbing ──
     def run_node(self, n: fx.Node) -> Any:
@@ -300,7 +301,7 @@ class CouplingAnalysis(fx.Interpreter):
             m = self.modules[n.target]
             rule = layer_rule_for(m)
             if rule is not None:
-                return lambda a, node, value: rule.couple(a, node, m, value)
+                return lambda a, node, value: a.couple_layer(rule, node, m, value)
             if not has_torch_forward(m):
                 return None  # a user subclass with its own forward: whatever it computes, it is not the layer
             if isinstance(m, UNARY_MODULES):
@@ -320,6 +321,22 @@ class CouplingAnalysis(fx.Interpreter):
             return table.get(n.target)
         except TypeError:  # unhashable target
             return None
+
+    def couple_layer(self, rule: Any, n: fx.Node, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        """The layer's rule, then: a module called again (weights shared, e.g. a detection head run on every
+        pyramid level) is cut once, so each call keeps the channels of its first call, in and out."""
+        labels = rule.couple(self, n, module, value)
+        x, dim = self.val(n.args[0]), rule.channel_dim
+        inputs = channel_vector(self.roots(_data_labels(self, n)), dim % x.dim(), x.shape[dim])
+        outputs = channel_vector(self.roots(labels), dim % value.dim(), value.shape[dim])
+        first = self.layer_calls.get(n.target)
+        if first is None:
+            self.layer_calls[n.target] = (inputs, outputs)
+            return labels
+        why = f"'{n.target}' is called again with the same weights"
+        self.tie(first[0], inputs, n, why + " (its input channels)")
+        self.tie(first[1], outputs, n, why + " (its output channels)")
+        return self.roots(labels)
 
     # ── what layer rules (dyncompile.layer_rules) use ──
     def input_channels(self, n: fx.Node, dim: int, why: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -663,7 +680,7 @@ def _write_back(dg: DynGraph, analysis: CouplingAnalysis) -> None:
     dg.fixed_reasons = sorted({why for why, _ in analysis.fix_events})
 
     sets = []
-    target_order = [producer_target[p] for p in producer_names]
+    target_order = list(dict.fromkeys(producer_target[p] for p in producer_names))  # a module called twice: once
     for component in nx.connected_components(graph):
         members = [t for t in target_order if t in component]
         if not members:

@@ -19,9 +19,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dyncompile.deployable import ParamSlice, own_tensor_key
+from dyncompile.deployable import ParamSlice, TensorSpec, own_tensor_key
 from dyncompile.errors import DyncompileError, one_line
-from dyncompile.ir import DynGraph, SubnetConfig
+from dyncompile.ir import DynGraph, SubnetConfig, output_tensors
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_with_indices
 
@@ -41,8 +41,7 @@ class SubnetBuild:
     macs: int  # per image (batch 1), counted by dyncompile.measure
     params: int
     parameters: list[ParamSlice]  # the inputs of `<name>_transform_params` (or of `<name>`), in order
-    output_shape: tuple[int, ...]
-    output_dtype: str
+    outputs: tuple[TensorSpec, ...]  # what the function returns, in order (a dense-prediction model: several)
     embedded_bytes: int  # constants compiled into the library (index tensors), not weights
     import_s: float
     transform_function: str | None = None
@@ -129,8 +128,11 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
         mod, _ = detach_params(from_exported_program(ep, keep_params_as_input=True))
     except Exception as exc:  # noqa: BLE001 -- torch.export / the Relax importer raise anything
         raise BuildError(f"sub-net '{name}': export to Relax failed ({one_line(exc, 200)})") from exc
-    if not isinstance(y, torch.Tensor):
-        raise BuildError(f"sub-net '{name}' returns {type(y).__name__}; only single-tensor outputs are supported")
+    try:
+        outputs = tuple(TensorSpec(tuple(t.shape), _dtype_name(t)) for t in output_tensors(y))
+    except TypeError:
+        raise BuildError(f"sub-net '{name}' returns {type(y).__name__}; a sub-net must return a tensor or a "
+                         f"tuple of tensors") from None
     func = mod["main"]
     kinds = torch.export.graph_signature.InputKind
     targets = {s.arg.name: s.target for s in ep.graph_signature.input_specs if s.kind is kinds.PARAMETER}
@@ -161,6 +163,6 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
         slices.append(s)
     record = SubnetBuild(
         name=name, config=dict(config), macs=macs, params=params, parameters=slices,
-        output_shape=tuple(y.shape), output_dtype=_dtype_name(y), embedded_bytes=embedded,
+        outputs=outputs, embedded_bytes=embedded,
         import_s=time.perf_counter() - start, own_tensors=own)
     return func.with_attr("global_symbol", name), record

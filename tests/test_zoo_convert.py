@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dyncompile.layer_rules import ProducerRule, layer_rule_for
 from dyncompile.pipeline import analyse_model
 from dyncompile.verify import verify
 from dyncompile.zoo import ZOO, build
@@ -25,8 +26,27 @@ def test_zoo_model_converts_and_verifies(name):
     macs = [r.macs for r in reports]
     assert all(a >= b for a, b in zip(macs, macs[1:])), macs
     assert macs[-1] < macs[0], "the narrowest sub-net must be cheaper"
-    classifier_sets = [s for s in dg.sets if s.name == list(dg.gm.graph.nodes)[-2].target]
-    assert all(not s.free for s in classifier_sets), "classifier outputs are never slimmed"
+    heads = output_producers(dg)
+    assert heads, "every output is computed by some layer"
+    assert all(not _set_of(dg, head).free for head in heads), "the layers producing the outputs are never slimmed"
+
+
+def output_producers(dg) -> set[str]:
+    """The producer layers (convs, linears) nearest to the network outputs: the classifier, a segmentation
+    network's per-pixel class conv, a detector's head convs (walking back through reshapes, pools, concats)."""
+    found, todo = set(), [n for n in dg.gm.graph.nodes if n.op == "output"]
+    seen = set()
+    while todo:
+        node = todo.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "call_module" and isinstance(layer_rule_for(dg.gm.get_submodule(arg.target)), ProducerRule):
+                found.add(arg.target)
+            else:
+                todo.append(arg)
+    return found
 
 
 def _set_of(dg, producer):

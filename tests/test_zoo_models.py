@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+from dyncompile.ir import output_tensors
 from dyncompile.zoo import FEATURES, ZOO, build  # `examples` is importable via pytest's pythonpath
 
 ZOO_DIR = REPO_ROOT / "examples" / "zoo"
@@ -27,7 +28,8 @@ def test_registry_entries_are_well_formed():
         assert sep and module_name.startswith("dyncompile.zoo.") and function_name.isidentifier(), entry.factory
         assert (ZOO_DIR / (module_name.removeprefix("dyncompile.zoo.") + ".py")).is_file(), entry.factory
         assert len(entry.input_shape) == 4 and entry.input_shape[:2] == (1, 3), entry.input_shape
-        assert entry.input_shape[2:] in ((32, 32), (224, 224))
+        assert entry.input_shape[2:] in ((32, 32), (224, 224)) or entry.outputs is not None, entry.input_shape
+        assert all(shape[0] == 1 for shape in entry.output_shapes), entry.output_shapes
         assert entry.features and set(entry.features) <= set(FEATURES), set(entry.features) - set(FEATURES)
         assert entry.needs_fallback == bool(UNTRACEABLE_FEATURES & set(entry.features)), name
 
@@ -64,13 +66,14 @@ def test_model_runs_and_traces_as_declared(name):
 
     with torch.no_grad():
         out = model(x)
-        assert out.shape == (2, entry.num_classes)
-        assert torch.isfinite(out).all()
-        assert torch.equal(model(x), out), "not deterministic in eval mode"
+        outs = out if isinstance(out, tuple) else (out,)
+        assert tuple(o.shape for o in outs) == tuple((2, *shape[1:]) for shape in entry.output_shapes)
+        assert all(torch.isfinite(o).all() for o in outs)
+        assert all(torch.equal(a, b) for a, b in zip(output_tensors(model(x)), outs)), "not deterministic in eval mode"
 
         if entry.needs_fallback:
             with pytest.raises((fx.proxy.TraceError, TypeError)):  # TypeError: torch.zeros(proxy), int(proxy)
                 fx.symbolic_trace(model)
         else:
             traced = fx.symbolic_trace(model)
-            assert torch.equal(traced(x), out)
+            assert all(torch.equal(a, b) for a, b in zip(output_tensors(traced(x)), outs))

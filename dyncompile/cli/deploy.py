@@ -140,16 +140,27 @@ def build(
               highlight=False)
 
 
-def _save_npy(path: Path, array) -> None:
+def _save_outputs(path: Path, outputs: tuple) -> None:
+    """One output as .npy; several (a detector's) as one .npz holding output_0, output_1, … in order."""
     import io
 
     import numpy as np
 
-
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
+    if len(outputs) == 1:
+        np.save(buffer, outputs[0], allow_pickle=False)
+    else:
+        np.savez(buffer, **{f"output_{i}": y for i, y in enumerate(outputs)})
     write_atomic(path, buffer.getvalue())
+
+
+def _summary(y) -> str:
+    """An output in a few words: its shape, and for a classifier's (batch, classes) logits the top class."""
+    import numpy as np
+
+    top = f", argmax per row {np.argmax(y, axis=1).tolist()}" if y.ndim == 2 else ""
+    return f"{tuple(y.shape)}{top}"
 
 
 def _load_npy(path: Path):
@@ -173,36 +184,43 @@ def run(
                                                                       "accurate).")] = None,
     budget_ms: Annotated[float | None, typer.Option("--budget-ms", help="Run the most accurate sub-net whose "
                                                                         "measured latency fits.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the output here (.npy).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the output here (.npy; a sub-net "
+                                                "with several outputs: .npz of output_0, output_1, …).")] = None,
     rpc: RpcOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Run one sub-net of DEPLOYABLE on an input (.npy), chosen by name or by latency budget."""
-    import numpy as np
+    """Run one sub-net of DEPLOYABLE on an input (.npy), chosen by name or by latency budget.
 
+    With --json, "shape", "dtype" and "output" describe the output; for a sub-net with several outputs (a
+    detector's) each holds a list, one entry per output in the model's order."""
     from dyncompile import runtime
     from dyncompile.deployable import read_manifest
 
     if subnet is not None and budget_ms is not None:
         raise ConfigError("give either --subnet or --budget-ms, not both")
     x = _load_npy(input)
-    device = read_manifest(deployable).target.device
-    with runtime.load(deployable, device=device, rpc=rpc) as model:
+    manifest = read_manifest(deployable)
+    with runtime.load(deployable, device=manifest.target.device, rpc=rpc) as model:
         name = model.choose(subnet, budget_ms)
+        several = len(manifest.subnet(name).outputs) > 1
+        if several and output is not None and output.suffix != ".npz":
+            raise ConfigError(f"sub-net '{name}' has {len(manifest.subnet(name).outputs)} outputs: give --output a "
+                              f".npz path (one array per output)")
         y = model.run(x, subnet=name)
+    outputs = y if several else (y,)
     if output is not None:
-        _save_npy(output, y)
+        _save_outputs(output, outputs)
     record = next(s for s in model.subnets if s.name == name)
     if json_output:
+        each = lambda f: [f(y) for y in outputs] if several else f(y)  # noqa: E731
         print_json({"subnet": name, "latency_ms": record.latency_ms, "accuracy": record.accuracy,
-                     "shape": list(y.shape), "dtype": str(y.dtype),
-                     "output": None if output is not None else y.tolist(),
+                     "shape": each(lambda a: list(a.shape)), "dtype": each(lambda a: str(a.dtype)),
+                     "output": None if output is not None else each(lambda a: a.tolist()),
                      "output_file": None if output is None else str(output)})
         return
-    top = np.argmax(y.reshape(y.shape[0], -1), axis=1) if y.ndim >= 2 else np.argmax(y, keepdims=True)
     out.print(f"sub-net [bold]{name}[/] ({record.macs / 1e6:.2f} MMACs"
-              + (f", {record.latency_ms:.3f} ms measured" if record.latency_ms is not None else "") + f"): output "
-              f"{tuple(y.shape)}, argmax per row {top.tolist()}"
+              + (f", {record.latency_ms:.3f} ms measured" if record.latency_ms is not None else "") + "): output"
+              + ("s " if several else " ") + "; ".join(_summary(a) for a in outputs)
               + (f" → {output}" if output is not None else ""), highlight=False)
 
 

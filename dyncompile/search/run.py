@@ -130,6 +130,7 @@ class SearchRun:
         self.procs = procs or Processes.from_environment()
         self.progress = progress or (lambda kind, **info: None)
         ws = load_workspace(self.workspace)
+        check_classifier(ws.reference[1])
         self.spec = ws.spec
         self.dg: DynGraph = ws.dg
         if not self.dg.free_sets:
@@ -432,6 +433,22 @@ class SearchRun:
         """Run the options' search method to its end (from where the checkpoint stopped, when resumed)."""
         self.progress("start", notes=list(self.splits.notes))
         return get_search_method(self.options.method).run(self)
+
+
+def check_classifier(output: Any) -> None:
+    """Search scores sub-nets by accuracy on labels: it needs one (batch, classes) tensor. `output` is the model's
+    output on the workspace's reference batch; anything else (a segmentation map, a detector's tuple) is one line."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return
+    if isinstance(output, torch.Tensor):
+        what = f"a tensor of shape {tuple(output.shape)}"
+    elif isinstance(output, (tuple, list)):
+        what = f"a {type(output).__name__} of {len(output)} outputs"
+    else:
+        what = type(output).__name__
+    raise ConfigError(f"dyncompile search trains classifiers (one score per class, accuracy on labels), but this "
+                      f"model returns {what}: search for dense prediction (segmentation, detection) is not "
+                      f"supported yet; build uniform widths instead (dyncompile build --widths 1.0,0.75,0.5)")
 
 
 def run_search(workspace: str | Path, options: SearchOptions, *, resume: bool = False, restart: bool = False,

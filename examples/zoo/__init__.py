@@ -6,7 +6,8 @@ The models know nothing about dyncompile. Each entry of `ZOO` names a factory as
 coupling features it exercises (tags from `FEATURES`). Model modules are imported only by `build`.
 
 CIFAR variants (input 1x3x32x32) classify 10 classes; ImageNet variants (1x3x224x224, real ImageNet
-stems, tiny widths) classify 1000. `ZooEntry.num_classes` says which.
+stems, tiny widths) classify 1000. `ZooEntry.num_classes` says which. Dense-prediction entries (segmentation,
+detection) declare their outputs instead; `ZooEntry.output_shapes` answers for every entry.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ FEATURES: dict[str, str] = {
     "forward_flag": "a non-tensor forward argument with a default (forward(x, only_last=True))",
     "batch_python": "Python arithmetic on the batch size (int(x.size(0) * p) for a training-only drop-path)",
     "prelu": "PReLU",
+    # issue 15: dense prediction
+    "upsample": "bilinear or nearest upsampling (nn.Upsample, F.interpolate)",
+    "conv_transpose": "ConvTranspose2d upsampling",
+    "atrous": "dilated (atrous) convs, e.g. an atrous spatial pyramid",
+    "skip_concat": "encoder-decoder skips: an encoder map concatenated with the upsampled decoder map",
+    "per_pixel_output": "a per-pixel class map as the output (segmentation)",
+    "multi_output": "a tuple of output tensors (detection: class logits and box deltas)",
+    "shared_weights": "one module called on several inputs (a head shared by every pyramid level)",
 }
 
 
@@ -73,19 +82,28 @@ class ZooEntry:
     input_shape: tuple[int, ...]  # at batch 1, e.g. (1, 3, 32, 32)
     features: tuple[str, ...]  # tags from FEATURES, e.g. ("residual", "projection")
     needs_fallback: bool = False  # torch.fx.symbolic_trace fails on purpose
+    outputs: tuple[tuple[int, ...], ...] | None = None  # a dense-prediction model's output shapes at batch 1
 
     @property
     def num_classes(self) -> int:
-        """10 for CIFAR-sized inputs, 1000 for ImageNet-sized ones."""
+        """A classifier's classes: 10 for CIFAR-sized inputs, 1000 for ImageNet-sized ones."""
         return 10 if self.input_shape[-1] <= 64 else 1000
+
+    @property
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shape of every output at batch 1: the declared maps, or a classifier's (1, num_classes)."""
+        return self.outputs if self.outputs is not None else ((1, self.num_classes),)
 
 
 CIFAR = (1, 3, 32, 32)
 IMAGENET = (1, 3, 224, 224)
+DENSE = (1, 3, 64, 64)  # dense prediction: segmentation and detection
 
 
-def _entry(name: str, factory: str, input_shape, features: str, needs_fallback: bool = False) -> ZooEntry:
-    return ZooEntry(name, f"dyncompile.zoo.{factory}", tuple(input_shape), tuple(features.split()), needs_fallback)
+def _entry(name: str, factory: str, input_shape, features: str, needs_fallback: bool = False,
+           outputs=None) -> ZooEntry:
+    return ZooEntry(name, f"dyncompile.zoo.{factory}", tuple(input_shape), tuple(features.split()), needs_fallback,
+                    None if outputs is None else tuple(tuple(shape) for shape in outputs))
 
 
 _ENTRIES = [
@@ -194,6 +212,12 @@ _ENTRIES = [
            "forward_flag adaptive_pool relu", needs_fallback=True),
     _entry("fractalnet-cifar", "static_python:fractalnet_cifar", CIFAR,
            "batch_python maxpool mean_pool relu", needs_fallback=True),
+    # issue 15: dense prediction
+    _entry("unet-aspp-seg", "unet:unet_small", DENSE,
+           "skip_concat concat upsample conv_transpose atrous per_pixel_output maxpool adaptive_pool relu",
+           outputs=[(1, 5, 64, 64)]),
+    _entry("fpn-two-head-det", "detector:two_head_detector", DENSE,
+           "residual upsample shared_weights multi_output relu", outputs=[(1, 240, 6), (1, 240, 4)]),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
