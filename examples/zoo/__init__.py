@@ -57,6 +57,12 @@ FEATURES: dict[str, str] = {
     "avgpool": "fixed-size average pooling inside the network",
     "adaptive_pool": "adaptive (global) pooling",
     "mean_pool": "global pooling written as x.mean over H, W",
+    # issue 15: functional layers
+    "functional_conv": "an nn.Conv2d subclass whose forward calls F.conv2d on its own parameters",
+    "weight_mask": "a fixed 0/1 mask buffer multiplied onto a conv weight (weight * mask)",
+    "functional_norm": "norm subclasses calling F.batch_norm / F.group_norm (+ activation) in forward",
+    "functional_linear": "an nn.Linear subclass whose forward calls F.linear",
+    "layer_norm": "LayerNorm over the channels (F.layer_norm on a channels-last permute)",
 }
 
 
@@ -179,6 +185,11 @@ _ENTRIES = [
            "shuffle const_view grouped depthwise residual dropout avgpool adaptive_pool relu"),
     _entry("layer-scale-cifar", "layer_scale:layer_scale_cifar", CIFAR,
            "layer_scale depthwise residual gelu mean_pool"),
+    # issue 15: functional layers
+    _entry("masked-densenet-cifar", "functional_layers:masked_densenet_cifar", CIFAR,
+           "functional_conv weight_mask concat dense_concat avgpool adaptive_pool relu"),
+    _entry("timm-style-cifar", "functional_layers:timm_style_cifar", CIFAR,
+           "functional_norm functional_linear layer_norm residual projection silu mean_pool"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
