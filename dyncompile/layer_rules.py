@@ -12,8 +12,10 @@ A rule answers, for one `nn.Module` class, the questions every pass asks about a
 `layer_rule_for(module)` walks the module's class hierarchy (MRO) for a registered class, but only up to the
 class whose `forward` the module runs: a subclass with its own forward (timm's Conv2dSame) computes something
 else than the layer the rule describes, so it stays opaque (its channels are kept whole) until a rule is
-registered for the subclass itself. Activations, pooling and rearrangements are not layer rules: they are the
-op handlers of `passes/couple.py`.
+registered for the subclass itself. That matters for leaf modules: fx traces into a user subclass that is
+not a leaf, and `passes/functional.py` lifts its `F.conv2d`/`F.batch_norm`/… calls into the layers they are
+(`WeightExpressionRule` for a weight like ``self.weight * self.mask``). Activations, pooling and
+rearrangements are not layer rules: they are the op handlers of `passes/couple.py`.
 
 Adding a layer type is one registration. A user conv with its own weight, forward and a per-channel scale::
 
@@ -90,6 +92,10 @@ class LayerRule:
     def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
         """A copy of `module` keeping input channels `in_idx` and output channels `out_idx` (in order)."""
         raise NotImplementedError
+
+    def computed_weight(self, module: nn.Module) -> torch.Tensor:
+        """The weight the layer computes with (the search ranks output channels by its filters)."""
+        return module.weight
 
 
 class ProducerRule(LayerRule):
@@ -221,6 +227,9 @@ class WeightExpressionRule(ProducerRule):
             operands.append((name, is_parameter, tuple(cut.shape)))
         new.operands = tuple(operands)
         return new
+
+    def computed_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.effective_weight()  # a pruned filter is ranked by what is left of it
 
 
 class LayerNormRule(LayerRule):

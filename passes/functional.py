@@ -51,9 +51,9 @@ class _Opaque(Exception):
     """Why a call is not lifted (one phrase: "its stride is computed at run time")."""
 
 
-# A layer built from the call's constants: (class, constructor kwargs), given the data input's shape and the
-# shapes of the tensor operands (None where absent).
-LayerBuilder = Callable[[dict[str, Any], tuple[int, ...], dict[str, tuple[int, ...] | None]],
+# A layer built from the call's constants: (class, constructor kwargs), given the data input's shape (None if
+# unknown) and the shapes of the tensor operands (None where absent).
+LayerBuilder = Callable[[dict[str, Any], tuple[int, ...] | None, dict[str, tuple[int, ...] | None]],
                         tuple[type[nn.Module], dict[str, Any]]]
 
 
@@ -93,6 +93,8 @@ def _batch_norm(c, input_shape, shapes):
         raise _Opaque("it has only one of its running statistics or of its affine parameters")
     if c.get("training", False) and tracked:
         raise _Opaque("it normalises with batch statistics even in eval mode")
+    if input_shape is None:
+        raise _Opaque("its input's shape is unknown")
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(len(input_shape))
     if cls is None:
         raise _Opaque(f"its input has rank {len(input_shape)}")
@@ -108,6 +110,8 @@ def _layer_norm(c, input_shape, shapes):
 def _group_norm(c, input_shape, shapes):
     if (shapes["weight"] is None) != (shapes["bias"] is None):
         raise _Opaque("it has a weight without a bias or a bias without a weight")
+    if input_shape is None:
+        raise _Opaque("its input's shape is unknown")
     return nn.GroupNorm, dict(num_groups=c["num_groups"], num_channels=input_shape[1], eps=c.get("eps", 1e-5),
                               affine=shapes["weight"] is not None)
 
@@ -145,8 +149,10 @@ _ELEMENTWISE_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", 
 def lift_functional_layers(dg: DynGraph) -> DynGraph:
     """Rewrite every liftable functional layer call of `dg.gm` into a module call, in place (see module doc)."""
     gm = dg.gm
+    if not any(n.op == "call_function" and n.target in FUNCTIONAL_LAYERS for n in gm.graph.nodes):
+        return dg
     try:
-        ShapeProp(gm).propagate(torch.randn(*dg.input_shape))
+        ShapeProp(gm).propagate(torch.randn(*dg.input_shape))  # the norms' input shapes
     except Exception:  # noqa: BLE001 - without shapes only the norms that need one stay opaque
         pass
     busy = _tensors_of_called_modules(gm)
@@ -201,7 +207,7 @@ def _lift(gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer, busy: set[i
     if expression is not None:
         shapes["weight"] = tuple(full.shape)
     meta = data.meta.get("tensor_meta")
-    cls, kwargs = layer.build(constants, tuple(meta.shape) if meta is not None else (), shapes)
+    cls, kwargs = layer.build(constants, tuple(meta.shape) if meta is not None else None, shapes)
     if expression is not None:
         cls = layer.expression_class[cls]
         names = _operand_names(cls, leaves)

@@ -211,3 +211,14 @@ def test_layer_norm_across_channels_fixes_them_with_a_reason():
     dg = analyse_model(Channelwise().eval(), SHAPE, groups=4)
     assert not sets_by_producer(dg)["conv"].free
     assert "LayerNorm 'norm' normalises across channels" in sets_by_producer(dg)["conv"].fixed_reasons
+
+
+def test_search_ranks_a_masked_conv_by_its_masked_weight():
+    from dyncompile.search.rank import l1_scores
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.c1.mask[:2] = 0  # the first two filters are pruned away entirely
+    dg = analyse_model(model, SHAPE, groups=4)
+    first_group = dg.set_by_name("c1").groups[0]
+    assert l1_scores(dg, dg.gm)["c1"][0] == 0.0 and len(first_group) == 2
