@@ -222,3 +222,18 @@ def test_search_ranks_a_masked_conv_by_its_masked_weight():
     dg = analyse_model(model, SHAPE, groups=4)
     first_group = dg.set_by_name("c1").groups[0]
     assert l1_scores(dg, dg.gm)["c1"][0] == 0.0 and len(first_group) == 2
+
+
+def test_shared_weight_training_keeps_the_mask_and_reaches_the_full_weight():
+    """The search trains sub-nets on slices of the full weights: the mask is cut with them and stays applied."""
+    from dyncompile.search.subnets import SharedSubnets
+
+    torch.manual_seed(0)
+    dg = analyse_model(Net().eval(), SHAPE, groups=4)
+    config, x = uniform_config(dg, 0.5), torch.randn(2, 3, 8, 8)
+    net = SharedSubnets(dg).eval()
+    out = net(x, config)
+    assert torch.allclose(out, extract_subnet(dg, config).eval()(x), atol=1e-6)
+    out.square().sum().backward()
+    full = dg.gm.get_submodule("c1")
+    assert full.weight.grad.abs().sum() > 0 and not full.weight.grad[full.mask == 0].any()
