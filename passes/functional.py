@@ -170,21 +170,48 @@ def lift_functional_layers(dg: DynGraph) -> DynGraph:
 
 
 def _lift(gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer, busy: set[int]) -> None:
-    args = dict(zip(layer.params, node.args))
+    data, constants, args = _bind(node, layer)
+    tensors, expression, leaves, inner = _operands(layer, args)
+    attrs = [n for n in tensors.values() if n is not None] + list(leaves.values())
+    for n in attrs:
+        if not isinstance(_fetch(gm, n.target), torch.Tensor):
+            raise _Opaque(f"'{n.target}' is not a tensor")
+    _check_exclusive(gm, attrs, [node, *inner], busy)
+    module, slots = _layer(gm, layer, data, constants, tensors, expression, leaves)
+
+    name = _install(gm, module, [n.target for n in slots.values()], node.name)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (data,))
+    call.meta = {k: v for k, v in node.meta.items() if k != OPAQUE}
+    node.replace_all_uses_with(call)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in sorted({node, *inner, *attrs}, key=position.__getitem__, reverse=True):  # users before what they use
+        if not n.users:
+            gm.graph.erase_node(n)
+
+
+def _bind(node: fx.Node, layer: FunctionalLayer) -> tuple[fx.Node, dict[str, Any], dict[str, Any]]:
+    """(data input, constant arguments, every argument by name); raises _Opaque unless the constants are."""
     unknown = set(node.kwargs) - set(layer.params)
     if unknown or len(node.args) > len(layer.params):
         raise _Opaque(f"it is called with arguments it does not know ({sorted(unknown)})")
-    args.update(node.kwargs)
-    data = args[layer.params[0]]
+    args = {**dict(zip(layer.params, node.args)), **node.kwargs}
+    data = args.get(layer.params[0])
     if not isinstance(data, fx.Node):
         raise _Opaque("its input is not a tensor of the graph")
     constants = {k: v for k, v in args.items() if k != layer.params[0] and k not in layer.tensors}
     for name, value in constants.items():
         if _has_node(value):
             raise _Opaque(f"its {name} is computed at run time")
+    return data, constants, args
 
-    expression, leaves, inner = None, {}, [node]
+
+def _operands(layer: FunctionalLayer, args: dict[str, Any]
+              ) -> tuple[dict[str, fx.Node | None], Any, dict[str, fx.Node], list[fx.Node]]:
+    """(tensor operands by role: get_attr or None; the weight's expression or None; the expression's get_attrs
+    by target; its steps)."""
     tensors: dict[str, fx.Node | None] = {}
+    expression, leaves, inner = None, {}, []
     for role in layer.tensors:
         value = args.get(role)
         if value is None or (isinstance(value, fx.Node) and value.op == "get_attr"):
@@ -193,47 +220,36 @@ def _lift(gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer, busy: set[i
             expression = _expression(value, leaves, inner)
         else:
             raise _Opaque(f"its {role} is not a tensor of the model")
-    attrs = [n for n in tensors.values() if n is not None] + list(leaves.values())
-    for n in attrs:
-        if not isinstance(_fetch(gm, n.target), torch.Tensor):
-            raise _Opaque(f"'{n.target}' is not a tensor")
-    _check_exclusive(gm, node, attrs, inner, busy)
+    return tensors, expression, leaves, inner
 
+
+def _layer(gm: fx.GraphModule, layer: FunctionalLayer, data: fx.Node, constants: dict[str, Any],
+           tensors: dict[str, fx.Node | None], expression: Any, leaves: dict[str, fx.Node]
+           ) -> tuple[nn.Module, dict[str, fx.Node]]:
+    """The layer the call is, holding the model's own tensors, and which get_attr fills each of its slots."""
     if expression is not None:
         full = _evaluate(expression, lambda target: _fetch(gm, target))
-        base = _base_operand(gm, leaves, full)
-        tensors["weight"] = leaves.pop(base)
+        tensors["weight"] = leaves.pop(_base_operand(gm, leaves, full))
     shapes = {role: None if n is None else tuple(_fetch(gm, n.target).shape) for role, n in tensors.items()}
     if expression is not None:
         shapes["weight"] = tuple(full.shape)
     meta = data.meta.get("tensor_meta")
     cls, kwargs = layer.build(constants, tuple(meta.shape) if meta is not None else None, shapes)
+    slots = {role: n for role, n in tensors.items() if n is not None}
     if expression is not None:
         cls = layer.expression_class[cls]
         names = _operand_names(cls, leaves)
-        kwargs["weight_expression"] = _rename(expression, {tensors["weight"].target: "weight",
-                                                          **{t: names[t] for t in leaves}})
+        kwargs["weight_expression"] = _rename(expression, {tensors["weight"].target: "weight", **names})
         kwargs["operands"] = tuple((names[t], isinstance(_fetch(gm, t), nn.Parameter), tuple(_fetch(gm, t).shape))
                                    for t in leaves)
+        slots.update({names[t]: n for t, n in leaves.items()})
     try:
         module = cls(**kwargs)
     except Exception as exc:  # noqa: BLE001 - constants the layer class refuses
         raise _Opaque(f"its constants make no {cls.__name__} ({type(exc).__name__}: {exc})") from None
-    slots = {role: n for role, n in tensors.items() if n is not None}
-    if expression is not None:
-        slots.update({names[t]: n for t, n in leaves.items()})
     for slot, n in slots.items():
         _place(module, slot, _fetch(gm, n.target))
-    module.train(gm.training)
-
-    name = _install(gm, module, [n.target for n in slots.values()], node.name)
-    with gm.graph.inserting_before(node):
-        call = gm.graph.call_module(name, (data,))
-    call.meta = {k: v for k, v in node.meta.items() if k != OPAQUE}
-    node.replace_all_uses_with(call)
-    for n in inner + attrs:  # the call, its expression, then the tensors it read
-        if not n.users:
-            gm.graph.erase_node(n)
+    return module.train(gm.training), slots
 
 
 def _has_node(value: Any) -> bool:
@@ -301,9 +317,8 @@ def _operand_names(cls: type[nn.Module], leaves: dict[str, fx.Node]) -> dict[str
     return names
 
 
-def _check_exclusive(gm: fx.GraphModule, node: fx.Node, attrs: list[fx.Node], inner: list[fx.Node],
-                     busy: set[int]) -> None:
-    """Every tensor the call reads, and every step of its weight expression, serves this call only."""
+def _check_exclusive(gm: fx.GraphModule, attrs: list[fx.Node], inner: list[fx.Node], busy: set[int]) -> None:
+    """Every tensor the call (`inner[0]`) reads, and every step of its weight expression, serves this call only."""
     mine = set(inner) | set(attrs)
     for n in inner[1:] + attrs:
         if any(user not in mine for user in n.users):

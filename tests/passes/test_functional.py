@@ -237,3 +237,29 @@ def test_shared_weight_training_keeps_the_mask_and_reaches_the_full_weight():
     out.square().sum().backward()
     full = dg.gm.get_submodule("c1")
     assert full.weight.grad.abs().sum() > 0 and not full.weight.grad[full.mask == 0].any()
+
+
+class GainConv(MaskedConv):
+    """A weight expression with a reused step, a number and a per-filter trainable gain (broadcast over a filter)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = self.weight * self.mask
+        return F.conv2d(x, w + 0.5 * w * self.gain, self.bias, self.stride, self.padding)
+
+
+def test_weight_expression_with_a_broadcast_operand_is_cut_along_its_own_dims():
+    torch.manual_seed(0)
+    model = Net(conv=GainConv).eval()
+    dg = analyse_model(model, SHAPE, groups=4)
+    conv = dg.gm.get_submodule("c1")
+    assert type(conv) is ExprConv2d and conv.gain is model.c1.gain and not _opaque(dg)
+    assert not [n for n in dg.gm.graph.nodes if n.op == "get_attr"], "the reused step and its tensors are gone"
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(dg.gm(x), model(x))
+    cut = extract_subnet(dg, uniform_config(dg, 0.5)).get_submodule("c1")
+    assert cut.gain.shape == (4, 1, 1, 1) and cut.mask.shape == cut.weight.shape == (4, 3, 3, 3)
+    assert_verifies(dg)
