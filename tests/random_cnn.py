@@ -346,15 +346,20 @@ class BN(Block):
 
 
 class FunctionalConv2d(nn.Conv2d):
-    """A user conv calling F.conv2d on its own weight, times a fixed 0/1 mask when it has one."""
+    """A user conv calling F.conv2d on its own weight, times a fixed 0/1 mask ("masked"), or that plus a
+    per-filter trainable gain ("gain": w + w * gain, with w = weight * mask used twice)."""
 
-    def __init__(self, *args, masked: bool = False, **kwargs):
+    def __init__(self, *args, weight: str = "plain", **kwargs):
         super().__init__(*args, **kwargs)
         pattern = torch.arange(self.weight.numel()).reshape(self.weight.shape) % 3 != 0
-        self.register_buffer("mask", pattern.float() if masked else None)
+        self.register_buffer("mask", pattern.float() if weight != "plain" else None)
+        gain = torch.linspace(-0.5, 0.5, self.out_channels).reshape(-1, 1, 1, 1)
+        self.gain = nn.Parameter(gain) if weight == "gain" else None
 
     def forward(self, x):
         weight = self.weight if self.mask is None else self.weight * self.mask
+        if self.gain is not None:
+            weight = weight + weight * self.gain
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -381,7 +386,7 @@ class FunctionalConv(Block):
             self.layer = FunctionalLinear(c, p["out"], bias=p["bias"])
         else:
             self.layer = FunctionalConv2d(c, p["out"], p["k"], p["stride"], p["k"] // 2, groups=p["groups"],
-                                          bias=p["bias"], masked=p["layer"] == "masked")
+                                          bias=p["bias"], weight=p["layer"])
         self.bn = FunctionalBatchNorm2d(p["out"]) if p["bn"] else None
         self.act = _act(p["act"])
 
@@ -557,7 +562,7 @@ def _block(draw, kind: str, src: int, shapes: list[tuple[int, int]]) -> dict:
                  act=draw(maybe_act), style=draw(style_ma), inplace=draw(st.booleans()))
         p["outs"] = [(out, _half(hw, stride))]
     elif kind == "fconv":
-        layer = draw(st.sampled_from(["plain", "masked", "linear"]))
+        layer = draw(st.sampled_from(["plain", "masked", "gain", "linear"]))
         groups = 1 if layer == "linear" else draw(st.sampled_from([1] + _divisors(c, (2, 4))))
         out = groups * draw(st.integers(max(1, 4 // groups), max(1, 24 // groups)))
         k, stride = (1, 1) if layer == "linear" else (draw(st.sampled_from([1, 3])), _stride(draw, hw))
