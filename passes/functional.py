@@ -6,8 +6,8 @@ fx traces into a user subclass with its own forward (a pruned DenseNet's ``Maske
 `call_function` on `get_attr` nodes, which the coupling analysis cannot see into and keeps whole. This pass
 rewrites each such call into a `call_module` of a real layer holding the very same Parameter and buffer
 objects: nn.Conv1d/2d/3d, nn.Linear, nn.BatchNorm1d/2d/3d, nn.LayerNorm, nn.GroupNorm, or
-`dyncompile.layers.ExprConv2d` (…) when the weight is an element-wise expression of the model's tensors. Couple,
-rewrite, extract and verify then treat it through its layer rule, with the same guarantees.
+`dyncompile.layers.ExprConv1d/2d/3d` / `ExprLinear` when the weight is an element-wise expression of the model's
+tensors. Couple, rewrite, extract and verify then treat it through its layer rule, with the same guarantees.
 
 A call is lifted only when all of these hold, else it stays as it is and ``node.meta[OPAQUE]`` says why (couple
 reports that reason when it keeps the channels whole):
@@ -30,7 +30,6 @@ the call (``block.conv2d_1.weight``) and the tensors move into it.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from dyncompile.ir import OPAQUE, DynGraph
-from dyncompile.layers import ExprConv1d, ExprConv2d, ExprConv3d, ExprLinear, evaluate_weight_expression
+from dyncompile.layers import (WEIGHT_EXPRESSION_OPS, ExprConv1d, ExprConv2d, ExprConv3d, ExprLinear,
+                               evaluate_weight_expression)
 
 __all__ = ["lift_functional_layers", "FunctionalLayer", "FUNCTIONAL_LAYERS"]
 
@@ -136,14 +136,10 @@ FUNCTIONAL_LAYERS: dict[Callable, FunctionalLayer] = {
 
 # fx targets of the element-wise functions a weight expression may use → their name in WEIGHT_EXPRESSION_OPS
 _ELEMENTWISE: dict[Any, str] = {
-    operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", operator.sub: "sub",
-    torch.sub: "sub", operator.truediv: "div", torch.div: "div", operator.neg: "neg", torch.neg: "neg",
-    torch.abs: "abs", torch.sigmoid: "sigmoid", torch.tanh: "tanh", torch.exp: "exp", torch.relu: "relu",
-    torch.square: "square", torch.sqrt: "sqrt", torch.sign: "sign",
+    **{fn: name for name, fn in WEIGHT_EXPRESSION_OPS.items()},
+    torch.mul: "mul", torch.add: "add", torch.sub: "sub", torch.div: "div", torch.neg: "neg",
 }
-_ELEMENTWISE_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "div", "neg": "neg", "abs": "abs",
-                        "sigmoid": "sigmoid", "tanh": "tanh", "exp": "exp", "relu": "relu", "square": "square",
-                        "sqrt": "sqrt", "sign": "sign", "__mul__": "mul", "__rmul__": "mul"}
+_ELEMENTWISE_METHODS = {**{name: name for name in WEIGHT_EXPRESSION_OPS}, "__mul__": "mul", "__rmul__": "mul"}
 
 
 def lift_functional_layers(dg: DynGraph) -> DynGraph:
