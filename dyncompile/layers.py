@@ -96,6 +96,20 @@ def evaluate_weight_expression(expression, tensors) -> torch.Tensor:
     return expression
 
 
+def _check_expression(expression, names: set[str]) -> None:
+    """Only known ops, own operands and numbers (a stored graph names them: nothing else may be reached)."""
+    if isinstance(expression, str):
+        if expression not in names:
+            raise ValueError(f"weight expression names {expression!r}, which is not one of its operands")
+    elif isinstance(expression, (list, tuple)):
+        if not expression or expression[0] not in WEIGHT_EXPRESSION_OPS:
+            raise ValueError(f"weight expression uses an unknown operation {str(expression)[:40]}")
+        for arg in expression[1:]:
+            _check_expression(arg, names)
+    elif not isinstance(expression, (int, float)) or isinstance(expression, bool):
+        raise ValueError(f"weight expression holds {type(expression).__name__}")
+
+
 class _WeightExpressionMixin:
     """`weight_expression` over the module's own tensors (`weight` and the extra `operands`: (name, is a
     parameter, shape)) gives the weight the layer computes with."""
@@ -103,6 +117,7 @@ class _WeightExpressionMixin:
     def init_operands(self, weight_expression, operands) -> None:
         self.weight_expression = weight_expression
         self.operands = tuple((str(n), bool(p), tuple(int(s) for s in shape)) for n, p, shape in operands)
+        _check_expression(weight_expression, {"weight"} | {n for n, _, _ in self.operands})
         for name, is_parameter, shape in self.operands:
             t = torch.zeros(shape, dtype=self.weight.dtype, device=self.weight.device)
             if is_parameter:

@@ -1,10 +1,14 @@
 """Pass `lift_functional_layers`: functional calls on the model's tensors become layers, or stay opaque with a reason."""
 
+import json
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from checks import assert_verifies, sets_by_producer
+from dyncompile.errors import WorkspaceError
 from dyncompile.graph_io import load_graph_module, save_graph_module
 from dyncompile.ir import OPAQUE, uniform_config
 from dyncompile.layers import ExprConv2d
@@ -13,6 +17,8 @@ from dyncompile.passes.functional import lift_functional_layers
 from dyncompile.passes.rewrite import convert_to_slimmable, set_subnet
 from dyncompile.passes.trace import trace
 from dyncompile.pipeline import analyse_model
+from dyncompile.search.rank import l1_scores
+from dyncompile.search.subnets import SharedSubnets
 
 SHAPE = (1, 3, 8, 8)
 
@@ -214,8 +220,6 @@ def test_layer_norm_across_channels_fixes_them_with_a_reason():
 
 
 def test_search_ranks_a_masked_conv_by_its_masked_weight():
-    from dyncompile.search.rank import l1_scores
-
     torch.manual_seed(0)
     model = Net().eval()
     model.c1.mask[:2] = 0  # the first two filters are pruned away entirely
@@ -226,8 +230,6 @@ def test_search_ranks_a_masked_conv_by_its_masked_weight():
 
 def test_shared_weight_training_keeps_the_mask_and_reaches_the_full_weight():
     """The search trains sub-nets on slices of the full weights: the mask is cut with them and stays applied."""
-    from dyncompile.search.subnets import SharedSubnets
-
     torch.manual_seed(0)
     dg = analyse_model(Net().eval(), SHAPE, groups=4)
     config, x = uniform_config(dg, 0.5), torch.randn(2, 3, 8, 8)
@@ -263,3 +265,14 @@ def test_weight_expression_with_a_broadcast_operand_is_cut_along_its_own_dims():
     cut = extract_subnet(dg, uniform_config(dg, 0.5)).get_submodule("c1")
     assert cut.gain.shape == (4, 1, 1, 1) and cut.mask.shape == cut.weight.shape == (4, 3, 3, 3)
     assert_verifies(dg)
+
+
+def test_a_stored_weight_expression_reaches_only_its_own_operands(tmp_path):
+    dg = lift_functional_layers(trace(Net().eval(), SHAPE))
+    save_graph_module(dg.gm, tmp_path)
+    path = tmp_path / "graph.json"
+    stored = json.loads(path.read_text())
+    stored["modules"]["c1"]["kwargs"]["weight_expression"] = ["mul", "weight", "__class__"]  # an edited file
+    path.write_text(json.dumps(stored))
+    with pytest.raises(WorkspaceError, match="not one of its operands"):
+        load_graph_module(tmp_path)
