@@ -223,7 +223,12 @@ class WeightExpressionRule(ProducerRule):
         for name, is_parameter, _ in module.operands:
             t = getattr(module, name)
             cut = _cut(t.detach(), index, rank).clone()
-            setattr(new, name, nn.Parameter(cut, t.requires_grad) if is_parameter else cut)
+            new._parameters.pop(name, None)  # the base cut makes `weight` a parameter, also where it is a buffer
+            new._buffers.pop(name, None)
+            if is_parameter:
+                new.register_parameter(name, nn.Parameter(cut, t.requires_grad))
+            else:
+                new.register_buffer(name, cut)
             operands.append((name, is_parameter, tuple(cut.shape)))
         new.operands = tuple(operands)
         return new

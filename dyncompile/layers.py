@@ -112,14 +112,18 @@ def _check_expression(expression, names: set[str]) -> None:
 
 class _WeightExpressionMixin:
     """`weight_expression` over the module's own tensors (`weight` and the extra `operands`: (name, is a
-    parameter, shape)) gives the weight the layer computes with."""
+    parameter, shape)) gives the weight the layer computes with. Naming `weight` among the operands makes it a
+    buffer (a fixed filter)."""
 
     def init_operands(self, weight_expression, operands) -> None:
         self.weight_expression = weight_expression
         self.operands = tuple((str(n), bool(p), tuple(int(s) for s in shape)) for n, p, shape in operands)
         _check_expression(weight_expression, {"weight"} | {n for n, _, _ in self.operands})
+        like = self.weight
         for name, is_parameter, shape in self.operands:
-            t = torch.zeros(shape, dtype=self.weight.dtype, device=self.weight.device)
+            t = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            if name == "weight":  # a fixed weight (a blur filter): a buffer in the weight's place
+                del self.weight
             if is_parameter:
                 self.register_parameter(name, nn.Parameter(t))
             else:

@@ -167,7 +167,7 @@ def lift_functional_layers(dg: DynGraph) -> DynGraph:
 
 def _lift(gm: fx.GraphModule, node: fx.Node, layer: FunctionalLayer, busy: set[int]) -> None:
     data, constants, args = _bind(node, layer)
-    tensors, expression, leaves, inner = _operands(layer, args)
+    tensors, expression, leaves, inner = _operands(gm, layer, args)
     attrs = [n for n in tensors.values() if n is not None] + list(leaves.values())
     for n in attrs:
         if not isinstance(_fetch(gm, n.target), torch.Tensor):
@@ -202,15 +202,18 @@ def _bind(node: fx.Node, layer: FunctionalLayer) -> tuple[fx.Node, dict[str, Any
     return data, constants, args
 
 
-def _operands(layer: FunctionalLayer, args: dict[str, Any]
+def _operands(gm: fx.GraphModule, layer: FunctionalLayer, args: dict[str, Any]
               ) -> tuple[dict[str, fx.Node | None], Any, dict[str, fx.Node], list[fx.Node]]:
     """(tensor operands by role: get_attr or None; the weight's expression or None; the expression's get_attrs
-    by target; its steps)."""
+    by target; its steps). A weight that is a buffer (a fixed filter) is an expression of itself."""
     tensors: dict[str, fx.Node | None] = {}
     expression, leaves, inner = None, {}, []
     for role in layer.tensors:
         value = args.get(role)
-        if value is None or (isinstance(value, fx.Node) and value.op == "get_attr"):
+        if (role == "weight" and layer.expression_class and isinstance(value, fx.Node) and value.op == "get_attr"
+                and not isinstance(_fetch(gm, value.target), nn.Parameter)):
+            expression = _expression(value, leaves, inner)
+        elif value is None or (isinstance(value, fx.Node) and value.op == "get_attr"):
             tensors[role] = value
         elif role == "weight" and layer.expression_class:
             expression = _expression(value, leaves, inner)
@@ -236,8 +239,10 @@ def _layer(gm: fx.GraphModule, layer: FunctionalLayer, data: fx.Node, constants:
         cls = layer.expression_class[cls]
         names = _operand_names(cls, leaves)
         kwargs["weight_expression"] = _rename(expression, {tensors["weight"].target: "weight", **names})
+        fixed = [] if isinstance(_fetch(gm, tensors["weight"].target), nn.Parameter) else [tensors["weight"].target]
+        names.update({t: "weight" for t in fixed})
         kwargs["operands"] = tuple((names[t], isinstance(_fetch(gm, t), nn.Parameter), tuple(_fetch(gm, t).shape))
-                                   for t in leaves)
+                                   for t in [*fixed, *leaves])
         slots.update({names[t]: n for t, n in leaves.items()})
     try:
         module = cls(**kwargs)
@@ -286,18 +291,18 @@ def _rename(expression: Any, names: dict[str, str]) -> Any:
 
 
 def _base_operand(gm: fx.GraphModule, leaves: dict[str, fx.Node], full: torch.Tensor) -> str:
-    """The operand that becomes the layer's `weight`: the first parameter with the weight's shape. Every operand
-    must broadcast to the weight without being expanded along a dim (so a cut cuts it alike)."""
+    """The operand that becomes the layer's `weight`: the first parameter with the weight's shape, else the first
+    tensor with it. Every operand must broadcast to the weight without being expanded along a dim (so a cut cuts
+    it alike)."""
     for target in leaves:
         t = _fetch(gm, target)
         aligned = (1,) * (full.dim() - t.dim()) + tuple(t.shape)
         if t.dim() > full.dim() or any(s not in (1, f) for s, f in zip(aligned, full.shape)):
             raise _Opaque(f"its weight's operand '{target}' {tuple(t.shape)} does not line up with the weight")
-    for target in leaves:
-        t = _fetch(gm, target)
-        if isinstance(t, nn.Parameter) and t.shape == full.shape:
-            return target
-    raise _Opaque("its weight expression has no parameter of the weight's shape")
+    full_shaped = [t for t in leaves if _fetch(gm, t).shape == full.shape]
+    if not full_shaped:
+        raise _Opaque("its weight expression has no tensor of the weight's shape")
+    return next((t for t in full_shaped if isinstance(_fetch(gm, t), nn.Parameter)), full_shaped[0])
 
 
 def _operand_names(cls: type[nn.Module], leaves: dict[str, fx.Node]) -> dict[str, str]:

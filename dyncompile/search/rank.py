@@ -55,6 +55,8 @@ class NoiseScales(nn.Module):
         params = dict(params)
         for producer, (set_name, groups) in self.producers.items():
             name = f"{producer}.weight"
+            if name not in params:
+                continue  # a fixed filter (a buffer): nothing to perturb
             w = params[name]
             scale = self.scales[self.sets[set_name]]
             per_channel = torch.where(groups >= 0, scale[groups.clamp(min=0)], torch.zeros((), dtype=scale.dtype))

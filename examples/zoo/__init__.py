@@ -63,6 +63,7 @@ FEATURES: dict[str, str] = {
     "functional_norm": "norm subclasses calling F.batch_norm / F.group_norm (+ activation) in forward",
     "functional_linear": "an nn.Linear subclass whose forward calls F.linear",
     "layer_norm": "LayerNorm over the channels (F.layer_norm on a channels-last permute)",
+    "fixed_filter": "a depthwise F.conv2d whose weight is a fixed filter buffer (blur-pool anti-aliasing)",
 }
 
 
@@ -189,7 +190,7 @@ _ENTRIES = [
     _entry("masked-densenet-cifar", "functional_layers:masked_densenet_cifar", CIFAR,
            "functional_conv weight_mask concat dense_concat avgpool adaptive_pool relu"),
     _entry("timm-style-cifar", "functional_layers:timm_style_cifar", CIFAR,
-           "functional_norm functional_linear layer_norm residual projection silu mean_pool"),
+           "functional_norm functional_linear fixed_filter layer_norm residual projection silu mean_pool"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}

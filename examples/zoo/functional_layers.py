@@ -8,7 +8,9 @@ Channel coupling exercised (fx traces into these forwards; dyncompile lifts each
 - ``GroupNormAct(nn.GroupNorm)``: ``F.group_norm`` then an activation;
 - ``LayerNorm2d(nn.LayerNorm)``: channels-first ``F.layer_norm`` over permuted channels (ConvNeXt/timm head
   norm; it normalises across channels, so the set feeding it is kept whole);
-- ``LinearClassifier(nn.Linear)``: ``F.linear(x, self.weight, self.bias)``.
+- ``LinearClassifier(nn.Linear)``: ``F.linear(x, self.weight, self.bias)``;
+- ``BlurPool2d``: anti-aliased downsampling (TResNet style), a depthwise ``F.conv2d`` whose weight is a fixed
+  binomial filter buffer.
 """
 
 from __future__ import annotations
@@ -103,13 +105,27 @@ class LinearClassifier(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class BlurPool2d(nn.Module):
+    """Stride-2 anti-aliasing: each channel is blurred by a fixed 3x3 binomial filter, then subsampled."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).clone())
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=self.channels)
+
+
 class FunctionalBlock(nn.Module):
-    """conv → norm-act → conv → norm, plus a (projected) shortcut, then SiLU."""
+    """conv → norm-act (→ blur-pool where it downsamples) → conv → norm, plus a (projected) shortcut, then SiLU."""
 
     def __init__(self, in_channels: int, channels: int, stride: int, group_norm: bool):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
         self.norm1 = GroupNormAct(4, channels) if group_norm else BatchNormAct2d(channels)
+        self.blur = BlurPool2d(channels) if stride == 2 else nn.Identity()
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.norm2 = BatchNormAct2d(channels, act=False)
         self.shortcut = (nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
@@ -117,7 +133,7 @@ class FunctionalBlock(nn.Module):
                          if stride != 1 or in_channels != channels else nn.Identity())
 
     def forward(self, x):
-        return F.silu(self.norm2(self.conv2(self.norm1(self.conv1(x)))) + self.shortcut(x))
+        return F.silu(self.norm2(self.conv2(self.blur(self.norm1(self.conv1(x))))) + self.shortcut(x))
 
 
 class TimmStyleNet(nn.Module):
@@ -146,5 +162,6 @@ def masked_densenet_cifar(num_classes: int = 10) -> nn.Module:
 
 
 def timm_style_cifar(num_classes: int = 10) -> nn.Module:
-    """A small timm-style ResNet: BatchNormAct2d / GroupNormAct norms, LayerNorm2d head norm, F.linear head."""
+    """A small timm-style ResNet: BatchNormAct2d / GroupNormAct norms, blur-pool downsampling, LayerNorm2d head
+    norm, F.linear head."""
     return TimmStyleNet(num_classes=num_classes)

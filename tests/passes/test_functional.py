@@ -17,7 +17,7 @@ from dyncompile.passes.functional import lift_functional_layers
 from dyncompile.passes.rewrite import convert_to_slimmable, set_subnet
 from dyncompile.passes.trace import trace
 from dyncompile.pipeline import analyse_model
-from dyncompile.search.rank import l1_scores
+from dyncompile.search.rank import NoiseScales, l1_scores
 from dyncompile.search.subnets import SharedSubnets
 
 SHAPE = (1, 3, 8, 8)
@@ -276,3 +276,48 @@ def test_a_stored_weight_expression_reaches_only_its_own_operands(tmp_path):
     path.write_text(json.dumps(stored))
     with pytest.raises(WorkspaceError, match="not one of its operands"):
         load_graph_module(tmp_path)
+
+
+class BlurPool(nn.Module):
+    """Anti-aliased downsampling (timm's BlurPool2d): a depthwise F.conv2d whose weight is a fixed filter buffer."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).clone())
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=self.channels)
+
+
+class BlurNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.n1 = nn.Sequential(BNAct(8), BlurPool(8))
+
+
+def test_a_fixed_filter_buffer_is_lifted_as_a_buffer_weight():
+    torch.manual_seed(0)
+    model = BlurNet().eval()
+    dg = analyse_model(model, SHAPE, groups=4)
+    blur = dg.gm.get_submodule("n1.1")
+    assert type(blur) is ExprConv2d and "weight" in dict(blur.named_buffers()) and not _opaque(dg)
+    assert sets_by_producer(dg)["c1"].free  # the depthwise blur passes the conv's channels on
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(dg.gm(x), model(x))
+    cut = extract_subnet(dg, uniform_config(dg, 0.5)).get_submodule("n1.1")
+    assert "weight" in dict(cut.named_buffers()) and cut.weight.shape == (4, 1, 3, 3)
+    assert_verifies(dg)
+    net = SharedSubnets(dg)  # shared-weight training and the noise ranking leave the fixed filter alone
+    net(x, uniform_config(dg, 0.5)).sum().backward()
+    assert "n1.1.weight" not in NoiseScales(dg).transform(dict(dg.gm.named_parameters()))
+
+
+def test_a_buffer_weight_round_trips_through_a_workspace_graph(tmp_path):
+    dg = lift_functional_layers(trace(BlurNet().eval(), SHAPE))
+    save_graph_module(dg.gm, tmp_path)
+    loaded = load_graph_module(tmp_path)
+    x = torch.randn(2, 3, 8, 8)
+    assert "weight" in dict(loaded.get_submodule("n1.1").named_buffers())
+    assert torch.equal(loaded(x), dg.gm(x))
