@@ -1,5 +1,5 @@
-"""A model whose layers are functional calls in subclass forwards (a masked conv, timm's BatchNormAct, an F.linear
-head) goes the whole way: convert lifts them into layers, the workspace stores them without pickle, and the cpu
+"""A model whose layers are functional calls in subclass forwards (a masked conv, timm's BatchNormAct, a blur-pool's
+fixed filter, an F.linear head) goes the whole way: convert lifts them into layers, the workspace stores them without pickle, and the cpu
 deployable computes what the extracted PyTorch sub-nets compute, mask included."""
 
 import sys
@@ -38,6 +38,15 @@ FUNCTIONAL = textwrap.dedent("""
             return self.act(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                          self.training, self.momentum, self.eps))
 
+    class BlurPool(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.channels = channels
+            self.register_buffer("filt", torch.full((channels, 1, 3, 3), 1.0 / 9))
+
+        def forward(self, x):
+            return F.conv2d(x, self.filt, stride=2, padding=1, groups=self.channels)
+
     class Head(nn.Linear):
         def forward(self, x):
             return F.linear(x, self.weight, self.bias)
@@ -45,7 +54,7 @@ FUNCTIONAL = textwrap.dedent("""
     def tiny():
         torch.manual_seed(0)
         model = nn.Sequential(MaskedConv(3, 16, 3, padding=1, bias=False), BNAct(16),
-                              MaskedConv(16, 16, 3, stride=2, padding=1), BNAct(16),
+                              MaskedConv(16, 16, 3, padding=1), BNAct(16), BlurPool(16),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), Head(16, 10))
         with torch.no_grad():
             for m in model.modules():
