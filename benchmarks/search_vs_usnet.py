@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--search-limit", type=int, default=None, help="images in the search split (default: 10%% "
                    "of the training subset)")
     p.add_argument("--joint-pool", default="chosen")
-    p.add_argument("--budget-window", default="around")
+    p.add_argument("--budget-window", default="under")
     p.add_argument("--methods", default="usnet,progressive")
     p.add_argument("--work", type=Path, default=Path("/tmp/dyncompile-bench-search"))
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with "

@@ -198,6 +198,9 @@ REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var"}
 SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 SOFTMAX_METHODS = {"softmax", "log_softmax"}
+# Constant-filled tensors whose sizes are arguments (a zero-padded shortcut: torch.zeros(b, c, h, w)).
+FILL_FUNCTIONS = {torch.zeros, torch.ones, torch.full}
+FILL_METHODS = {"new_zeros", "new_ones", "new_full"}
 SHAPE_METHODS = {"size", "dim", "numel", "__len__", "get_device", "type", "ndimension", "nelement"}
 SHAPE_FUNCTIONS = {getattr, len, torch.numel}
 
@@ -533,6 +536,15 @@ def _reduce(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     return out.reshape([1] * value.dim()) if out.dim() != value.dim() else out
 
 
+def _filled(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    """A constant-filled tensor: any of its channels can go, so each gets an atom of its own (tied to whatever
+    it meets) and extraction shrinks its size argument to the channels kept."""
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[1] > _MAX_PARAM_ATOMS:
+        return _no_labels(a, n, value)
+    n.meta[ARGS] = (tuple(a.val(x) for x in n.args), {k: a.val(v) for k, v in n.kwargs.items()})
+    return a.channels_along(a.uf.new(value.shape[1], f"const:{n.name}"), 1, value.dim())
+
+
 def _no_labels(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     return None if not isinstance(value, torch.Tensor) else a.unknown(n, value)
 
@@ -546,6 +558,7 @@ for _fns, _methods, _h in (
     (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, _elementwise),
     (REDUCE_FUNCTIONS, REDUCE_METHODS, _reduce),
     (SOFTMAX_FUNCTIONS, SOFTMAX_METHODS, _softmax),
+    (FILL_FUNCTIONS, FILL_METHODS, _filled),
     (SHAPE_FUNCTIONS, SHAPE_METHODS, _no_labels),
 ):
     _FUNCTION_HANDLERS.update(dict.fromkeys(_fns, _h))

@@ -3,8 +3,8 @@
 No masks: layers with a rule (`dyncompile.layer_rules`: convs, linears, norms…) are cut by their rule to the
 kept channels, any other module is copied as it is; parameters used directly in
 `forward` are sliced; ops whose arguments encode channel counts (view/reshape sizes, split sizes, chunk,
-slices, narrow, index_select indices) are rewritten from the concrete values seen while tracing, so even
-sizes written as constants in the model's code come out right. The batch dimension is never touched.
+slices, narrow, index_select indices, the sizes of `torch.zeros`-style fills) are rewritten from the concrete
+values seen while tracing, so even sizes written as constants in the model's code come out right. The batch dimension is never touched.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from dyncompile.errors import ExtractionError
 from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
 from dyncompile.layer_rules import layer_rule_for, producer_rule_for
+from dyncompile.passes.couple import FILL_FUNCTIONS, FILL_METHODS
 
 __all__ = ["extract_subnet", "extract_with_indices", "index_probe", "slice_indices", "ExtractionError"]
 
@@ -137,6 +138,8 @@ class _Extractor:
         args, kwargs = node.meta[ARGS]
         if (method and target in ("view", "reshape", "expand")) or target is torch.reshape:
             return self.emit_resize(node)
+        if (method and target in FILL_METHODS) or (not method and target in FILL_FUNCTIONS):
+            return self.emit_filled(node)
         if (method and target in ("split", "chunk", "tensor_split")) or target in (torch.split, torch.chunk, torch.tensor_split):
             return self.emit_split(node, args, kwargs)
         if target is operator.getitem and isinstance(node.args[0], fx.Node) and data_kept is not None:
@@ -162,13 +165,17 @@ class _Extractor:
         dim, idx = kept
         new_shape = list(node.meta[SHAPE])
         new_shape[dim] = len(idx)
-        sizes_in_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
-        sizes = list(node.args[1] if sizes_in_tuple else node.args[1:])
-        if len(sizes) != len(new_shape):
-            raise ExtractionError(f"cannot rewrite the sizes of '{node.name}' ({sizes})")
+        sizes, with_sizes = _sizes_argument(node, node.args[1:], len(new_shape))
         sizes = [s if d == 0 or (isinstance(s, int) and s == -1) else new_shape[d] for d, s in enumerate(sizes)]
-        new_args = (node.args[0], tuple(sizes)) if sizes_in_tuple else (node.args[0], *sizes)
-        return self.copy_node(node, args=new_args)
+        return self.copy_node(node, args=(node.args[0], *with_sizes(sizes)))
+
+    def emit_filled(self, node: fx.Node) -> fx.Node:
+        """torch.zeros(b, c, h, w) and friends: only the size along the shrunk dim changes."""
+        dim, idx = self.kept[node]
+        lead = node.args[:1] if node.op == "call_method" else ()
+        sizes, with_sizes = _sizes_argument(node, node.args[len(lead):], len(node.meta[SHAPE]))
+        sizes[dim] = len(idx)
+        return self.copy_node(node, args=(*lead, *with_sizes(sizes)))
 
     def emit_split(self, node: fx.Node, args, kwargs) -> fx.Node:
         kept = self.kept[node]
@@ -211,6 +218,17 @@ class _Extractor:
                                           (self.env[node.args[0]], dim, start, stop - start), {}, name=node.name)
         return self.graph.create_node("call_function", torch.index_select,
                                       (self.env[node.args[0]], dim, self.const_buffer(select)), {}, name=node.name)
+
+
+def _sizes_argument(node: fx.Node, args: tuple, rank: int) -> tuple[list, Any]:
+    """The sizes in `args` (``f(*sizes, …)`` or ``f((sizes), …)``) and how to put new sizes back in their place."""
+    if args and isinstance(args[0], (tuple, list)):
+        sizes, rebuild = list(args[0]), lambda new: (tuple(new), *args[1:])
+    else:
+        sizes, rebuild = list(args), tuple
+    if len(sizes) != rank:
+        raise ExtractionError(f"cannot rewrite the sizes of '{node.name}' ({sizes})")
+    return sizes, rebuild
 
 
 def _remap(position: Any, in_idx: torch.Tensor, size: int) -> tuple[Any, torch.Tensor | None]:

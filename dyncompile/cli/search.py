@@ -105,7 +105,9 @@ def search(
     val_limit: Annotated[int | None, typer.Option(help="Validate on this many test images (a fixed subset).")] = None,
     train_full: Annotated[float | None, typer.Option(help="Epochs at full width before the search (default: only "
                                                           "when the model scores at chance).")] = None,
-    rank: Annotated[str, typer.Option(help="Channel-group ranking: noise (trainable noise scales) or l1.")] = "noise",
+    rank: Annotated[str | None, typer.Option(help="Channel-group ranking: noise (trainable noise scales), l1, "
+                                                     "or none (convert's order). Default: noise for progressive, "
+                                                     "none for usnet (its published recipe).")] = None,
     rank_direction: Annotated[str, typer.Option(help="tolerant-first drops the group that tolerates the most noise "
                                                      "(or has the smallest L1) first; sensitive-first reverses.")] = "tolerant-first",
     noise_epochs: Annotated[float, typer.Option(help="Epochs of the noise-ranking pass.")] = 1.0,
@@ -116,9 +118,13 @@ def search(
                                                            "accuracy (absolute).")] = 0.05,
     threshold_mode: Annotated[str, typer.Option(help="drop or absolute.")] = "drop",
     finetune_epochs: Annotated[float, typer.Option(help="Epoch cap of one fine-tune.")] = 1.0,
-    tolerance: Annotated[float, typer.Option(help="Re-selection window around each budget (MACs fraction).")] = 0.05,
-    budget_window: Annotated[str, typer.Option(help="around: pick within budget ± tolerance (the paper); under: "
-                                                    "within [budget - tolerance, budget], never over.")] = "around",
+    tolerance: Annotated[float, typer.Option(help="Re-selection window below each budget (MACs fraction).")] = 0.05,
+    budget_window: Annotated[str, typer.Option(help="under: a budget is a cap, pick within [budget - tolerance, "
+                                                    "budget], never over; around: within budget ± tolerance (the "
+                                                    "paper).")] = "under",
+    select_z: Annotated[float, typer.Option(help="A candidate counts as less accurate only when it is this many "
+                                                 "standard errors worse on the search split (paired); within that "
+                                                 "noise the larger one is kept. 0: any difference counts.")] = 2.0,
     joint_pool: Annotated[str, typer.Option(help="Joint training's middle sub-nets: chosen (what ships) or chain "
                                                  "(the whole filtered chain).")] = "chosen",
     remeasure: Annotated[bool, typer.Option(help="Re-measure every candidate before filtering (fine-tunes after "
@@ -135,7 +141,7 @@ def search(
                             train_full=train_full, rank=rank, rank_direction=rank_direction, noise_epochs=noise_epochs,
                             noise_init=noise_init, floor=floor, finetune_threshold=finetune_threshold,
                             threshold_mode=threshold_mode, finetune_epochs=finetune_epochs, tolerance=tolerance,
-                            budget_window=budget_window, joint_pool=joint_pool, remeasure_chain=remeasure,
+                            budget_window=budget_window, select_z=select_z, joint_pool=joint_pool, remeasure_chain=remeasure,
                             checkpoint_every_s=checkpoint_every)
     procs = Processes.from_environment()
     show = procs.main  # under torchrun only rank 0 draws and prints
@@ -153,7 +159,9 @@ def search(
                      "wall_s": result.wall_s,
                      "subnets": [{"name": s.name, "budget": s.budget, "macs": s.macs, "macs_fraction": s.macs_fraction,
                                   "params": s.params, "accuracy": s.accuracy, "search_accuracy": s.search_accuracy,
-                                  "config": s.config} for s in result.subnets]})
+                                  "config": s.config} for s in result.subnets],
+                     "notes": [e["text"] for e in result.history if e["event"] == "note"],
+                     "compute": result.compute})
         return
     table = Table(title=f"dyncompile search — {result.method}, {result.wall_s / 60:.1f} min")
     for col in ("sub-net", "budget", "MMACs", "MACs %", "params", "test accuracy"):

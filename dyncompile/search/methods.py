@@ -34,6 +34,7 @@ class SearchMethod:
     name: str  # what --method takes; also the result's folder, <workspace>/search/<name>/
     summary: str  # one line for --method's help
     run: Callable[[Any], SearchResult]
+    default_rank: str = "none"  # the channel-group ranking `--rank` defaults to (`dyncompile.search.rank.RANKINGS`)
 
 
 SEARCH_METHODS: dict[str, SearchMethod] = {}  # in registration order: the order --help lists them in

@@ -6,13 +6,15 @@
              scores each candidate on the held-out search split (BN on batch statistics), commits the best.
              Every committed step is a candidate sub-net. Below the fine-tuning threshold, the current sub-net
              is fine-tuned jointly with the larger ones until it is back over it (or the epoch cap).
-3. select    re-measure every candidate with the current weights (`remeasure_chain`), drop candidates dominated
-             by a smaller, more accurate one; per budget keep the most accurate one within ±tolerance MACs.
+3. select    re-measure every candidate with the current weights (`remeasure_chain`), drop candidates a smaller
+             one beats beyond the split's noise; per budget keep the largest of the most accurate ones at or
+             under it (`budget_window="around"`: within ± tolerance, the paper's), each budget its own.
 4. joint     multi-sub-net training: largest on labels, smallest and two more sub-nets distilled from it
              (`joint_pool`: drawn from the chosen sub-nets, the default, or from the whole filtered chain).
 5. calibrate BN statistics per chosen sub-net, then the test split.
 
-`shrink_candidates`, `floor_groups`, `filter_chain` and `select_for_budgets` are plain functions (tested alone).
+`shrink_candidates` and `floor_groups` are plain functions (tested alone); the rules that pick a candidate per
+budget (caps, one sub-net per budget, the paired noise test) live in `select.py`, shared with US-Nets.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import torch
 from dyncompile.errors import ConfigError
 from dyncompile.ir import ChannelSet, DynGraph, SubnetConfig
 from dyncompile.search.methods import SearchMethod, register_search_method
-from dyncompile.search.rank import NoiseScales, group_order, l1_scores
 from dyncompile.search.result import SearchResult, subnet_name
 from dyncompile.search.run import SearchRun
+from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets
 from dyncompile.search.subnets import full_config
 
-__all__ = ["floor_groups", "shrink_candidates", "filter_chain", "select_for_budgets", "run_progressive"]
+__all__ = ["floor_groups", "shrink_candidates", "run_progressive"]
 
 
 def floor_groups(s: ChannelSet, floor: float) -> int:
@@ -51,69 +53,16 @@ def shrink_candidates(dg: DynGraph, config: SubnetConfig, floor: float) -> list[
     return out
 
 
-def filter_chain(chain: list[dict]) -> list[dict]:
-    """Keep the monotone chain: a candidate survives only if it beats every smaller candidate's accuracy.
-
-    `chain` is in search order (largest first), each with "macs_fraction" and "accuracy"; the first entry (the
-    full model, the distillation teacher) always stays."""
-    kept = []
-    best_smaller = -1.0
-    for entry in sorted(chain[1:], key=lambda e: e["macs_fraction"]):
-        if entry["accuracy"] > best_smaller:
-            kept.append(entry)
-            best_smaller = entry["accuracy"]
-    return [chain[0], *sorted(kept, key=lambda e: -e["macs_fraction"])]
-
-
-def select_for_budgets(chain: list[dict], budgets: list[float], tolerance: float,
-                       window: str = "around") -> dict[float, dict]:
-    """Per budget: the most accurate candidate within ±tolerance MACs fraction (`window="around"`, the paper's
-    re-selection) or within [budget - tolerance, budget] (`"under"`: a budget is a cap); if none is that close,
-    the largest one under the budget. Raises ConfigError when no candidate is at or under the budget."""
-    chosen = {}
-    for b in budgets:
-        high = b + (tolerance if window == "around" else 0.0)
-        window_entries = [e for e in chain if b - tolerance - 1e-9 <= e["macs_fraction"] <= high + 1e-9]
-        if window_entries:
-            chosen[b] = max(window_entries, key=lambda e: (e["accuracy"], -e["macs_fraction"]))
-            continue
-        under = [e for e in chain if e["macs_fraction"] <= b]
-        if not under:
-            smallest = min(e["macs_fraction"] for e in chain)
-            raise ConfigError(f"no sub-net fits {b:.0%} of the full MACs: the smallest the search reached is "
-                              f"{smallest:.1%}; lower --floor or ask for a larger budget")
-        chosen[b] = max(under, key=lambda e: e["macs_fraction"])
-    return chosen
-
-
 def _check_budgets_reachable(run: SearchRun) -> None:
     o = run.options
     floor_config = {s.name: floor_groups(s, o.floor) for s in run.dg.free_sets}
     smallest = run.macs(floor_config) / run.full_macs
-    too_small = [b for b in o.subnets if b + o.tolerance < smallest]
+    slack = o.tolerance if o.budget_window == "around" else 0.0  # a cap allows nothing over the budget
+    too_small = [b for b in o.subnets if b + slack < smallest - 1e-9]
     if too_small:
         raise ConfigError(f"--subnets {min(too_small):g} cannot be met: with every set at its floor "
                           f"({o.floor:.0%} of its channels) the model keeps {smallest:.1%} of its MACs; "
                           f"lower --floor or ask for a larger budget")
-
-
-def _rank(run: SearchRun) -> None:
-    o, v = run.options, run.state["values"]
-    if not run.phase("rank"):
-        return
-    if o.rank == "l1":
-        scores = l1_scores(run.dg, run.net.full)
-    else:
-        scales = NoiseScales(run.dg, o.noise_init)
-        run.train("rank-noise", o.noise_epochs, lambda step, gen: [None], lr=o.noise_lr, scales=scales,
-                  distill=False, label="noise ranking")
-        scores = scales.scores()
-    order = group_order(scores, rank=o.rank, direction=o.rank_direction)
-    v["group_order"] = order
-    run.reorder_groups(order)
-    run.event("rank", rank=o.rank, direction=o.rank_direction,
-              scores={k: [round(x, 5) for x in s] for k, s in scores.items()}, order=order)
-    run.finish_phase("rank")
 
 
 def _search(run: SearchRun) -> None:
@@ -198,16 +147,26 @@ def _select(run: SearchRun) -> None:
     if not run.phase("select"):
         return
     chain = v["search"]["chain"]
+    better = None
     if o.remeasure_chain:
         # A candidate's accuracy was measured when it was committed; every later fine-tune changed the shared
         # weights. Filtering on those stale numbers drops larger candidates as "dominated" by smaller,
-        # fine-tuned ones and empties the windows of the larger budgets. Measure them all again, now.
+        # fine-tuned ones and empties the windows of the larger budgets. Measure them all again, now, keeping
+        # which images each gets right: the paired test needs them.
+        rows = []
         for entry in chain:
             entry.setdefault("accuracy_at_step", entry["accuracy"])
-            entry["accuracy"] = run.accuracy(entry["config"] if entry["step"] else None, "search", bn="batch")
+            correct = run.correct(entry["config"] if entry["step"] else None, "search", bn="batch")
+            entry["accuracy"] = run.accuracy_of(correct)
+            rows.append(correct)
+        counts = PairedCounts.from_correct([e["step"] for e in chain], torch.stack(rows))
+        better = counts.reduced(run.procs.sum, len(run.splits.search)).better(o.select_z)
         run.event("remeasure", accuracies=[round(e["accuracy"], 4) for e in chain])
-    filtered = filter_chain(chain)
-    chosen = select_for_budgets(filtered, sorted(o.subnets), o.tolerance, o.budget_window)
+    rule = {} if better is None else {"better": better}
+    filtered = filter_chain(chain, **rule)
+    chosen, notes = select_for_budgets(chain, o.subnets, o.tolerance, o.budget_window, filtered=filtered, **rule)
+    for text in notes:
+        run.event("note", text=text)
     v["filtered_steps"] = [e["step"] for e in filtered]
     v["chosen"] = {str(b): e["step"] for b, e in chosen.items()}
     run.event("select", candidates=len(chain), kept=len(filtered),
@@ -244,18 +203,19 @@ def run_progressive(run: SearchRun) -> SearchResult:
     o = run.options
     _check_budgets_reachable(run)
     run.measure_given_model()
-    _rank(run)
+    run.rank_groups()
     _search(run)
     _select(run)
     _joint_train(run)
     v = run.state["values"]
     by_step = {e["step"]: e for e in v["search"]["chain"]}
-    records = []
-    for b in sorted(o.subnets, reverse=True):
-        entry = by_step[v["chosen"][str(b)]]
-        records.append(run.record(subnet_name(b), entry["config"], b, search_accuracy=entry["accuracy"]))
+    first_budget: dict[int, float] = {}  # a sub-net two budgets share is recorded once, under the smaller's name
+    for b in sorted(o.subnets):
+        first_budget.setdefault(v["chosen"][str(b)], b)
+    records = [run.record(subnet_name(b), by_step[step]["config"], b, search_accuracy=by_step[step]["accuracy"])
+               for step, b in sorted(first_budget.items(), key=lambda sb: -sb[1])]
     return run.finish(records, v["group_order"])
 
 
 register_search_method(SearchMethod("progressive", "the progressive sub-network search (Yang et al. 2020)",
-                                    run_progressive))
+                                    run_progressive, default_rank="noise"))

@@ -24,7 +24,7 @@ from dyncompile.passes.couple import producer_channel_groups
 
 __all__ = ["producer_groups", "NoiseScales", "l1_scores", "group_order", "RANKINGS", "DIRECTIONS"]
 
-RANKINGS = ("noise", "l1")
+RANKINGS = ("noise", "l1", "none")  # none: the groups keep convert's order
 DIRECTIONS = ("tolerant-first", "sensitive-first")
 
 
@@ -86,9 +86,13 @@ def l1_scores(dg: DynGraph, weights: nn.Module) -> dict[str, list[float]]:
 def group_order(scores: dict[str, list[float]], *, rank: str, direction: str) -> dict[str, list[int]]:
     """Original group indices per set, most important first (stable: ties keep the original order).
 
-    noise + tolerant-first: small |a| is important; l1: large norm is important; sensitive-first reverses."""
+    noise + tolerant-first: small |a| is important; l1: large norm is important; sensitive-first reverses;
+    none: convert's order, whatever the direction."""
     order = {}
     for name, values in scores.items():
+        if rank == "none":
+            order[name] = list(range(len(values)))
+            continue
         importance = [-v for v in values] if rank == "noise" else list(values)
         if direction == "sensitive-first":
             importance = [-v for v in importance]

@@ -63,6 +63,7 @@ class SearchResult:
     options: dict = field(default_factory=dict)  # every option the run used
     history: list[dict] = field(default_factory=list)  # events: ranking, search steps, fine-tunes, timings
     data: dict = field(default_factory=dict)  # dataset, sizes, adaptation notes
+    compute: dict = field(default_factory=dict)  # sub-net passes per phase: SearchRun.count_compute
     wall_s: float = 0.0
 
     def subnet(self, name: str) -> SubnetRecord:

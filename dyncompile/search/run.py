@@ -35,9 +35,11 @@ from dyncompile.errors import ConfigError
 from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 from dyncompile.measure import count_macs, count_params
 from dyncompile.search.methods import get_search_method
-from dyncompile.search.rank import DIRECTIONS, RANKINGS
+from dyncompile.search.rank import DIRECTIONS, RANKINGS, NoiseScales, group_order, l1_scores
+from dyncompile.search.select import BUDGET_WINDOWS
 from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, save_search_result
-from dyncompile.search.subnets import SharedSubnets, accuracy, calibrate, config_key, full_config
+from dyncompile.search.subnets import (SharedSubnets, accuracy, accuracy_of, calibrate, config_key, correct,
+                                      full_config)
 from dyncompile.search.train import (CHECKPOINT_FILE, Checkpoint, EventLog, Processes, cosine_lr, make_optimizer,
                                      multi_subnet_step, step_generator)
 from dyncompile.workspace import load_workspace
@@ -67,7 +69,7 @@ class SearchOptions:
     train_full: float | None = None  # epochs at full width first; None: only if the model looks untrained
     train_full_lr: float = 0.1
     # ranking
-    rank: str = "noise"
+    rank: str | None = None  # None: the method's own default (progressive: noise; usnet: none, its published recipe)
     rank_direction: str = "tolerant-first"
     noise_init: float = 0.25
     noise_epochs: float = 1.0
@@ -80,7 +82,8 @@ class SearchOptions:
     finetune_checks: int = 4  # accuracy checks per fine-tune epoch (stop once back over the threshold)
     finetune_lr: float = 0.01
     tolerance: float = 0.05  # re-selection window around each budget, in MACs fraction
-    budget_window: str = "around"  # "around": budget ± tolerance (paper); "under": [budget - tolerance, budget]
+    budget_window: str = "under"  # "under": a cap, [budget - tolerance, budget]; "around": budget ± tolerance (paper)
+    select_z: float = 2.0  # a candidate is worse only when z standard errors worse (paired, search split; 0: any)
     remeasure_chain: bool = True  # re-measure every candidate before filtering (fine-tunes made them stale)
     joint_pool: str = "chosen"  # joint training's two middle sub-nets: from the chosen ones or the whole chain
     # US-Nets
@@ -93,7 +96,9 @@ class SearchOptions:
 
     def check(self) -> None:
         get_search_method(self.method)
-        for field, choices in (("rank", RANKINGS), ("rank_direction", DIRECTIONS), ("budget_window", ("around", "under")),
+        if self.rank is not None and self.rank not in RANKINGS:
+            raise ConfigError(f"--rank '{self.rank}' is unknown; use {' or '.join(RANKINGS)}")
+        for field, choices in (("rank_direction", DIRECTIONS), ("budget_window", BUDGET_WINDOWS),
                                ("joint_pool", ("chosen", "chain")), ("threshold_mode", ("drop", "absolute"))):
             value = getattr(self, field)
             if value not in choices:
@@ -102,6 +107,8 @@ class SearchOptions:
             raise ConfigError(f"--subnets must be MACs fractions in (0, 1], like 0.25,0.5,0.75,1.0; got {self.subnets}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ConfigError("--batch-size must be positive and --epochs not negative")
+        if self.select_z < 0 or self.tolerance < 0:
+            raise ConfigError("--select-z and --tolerance must not be negative")
         if not 0 < self.floor <= 1 or not 0 < self.min_width <= 1:
             raise ConfigError("--floor and --min-width must be fractions in (0, 1]")
 
@@ -215,9 +222,31 @@ class SearchRun:
             yield (x, y) if labels else x
 
     def accuracy(self, config: SubnetConfig | None, split: str = "search", *, bn: str = "batch") -> float:
+        self.count_compute("eval", split, [config], len(getattr(self.splits, split)))
         return accuracy(self.net, config, self.batches(split), bn=bn, reduce=self.procs.sum)
 
+    def correct(self, config: SubnetConfig | None, split: str = "search", *, bn: str = "batch") -> torch.Tensor:
+        """Which images of this process's shard of `split` the sub-net gets right (0/1, in loader order)."""
+        self.count_compute("eval", split, [config], len(getattr(self.splits, split)))
+        return correct(self.net, config, self.batches(split), bn=bn)
+
+    def count_compute(self, kind: str, what: str, configs: list[SubnetConfig | None], images: int) -> None:
+        """Log the sub-net passes a phase spends, so methods compare at *measured* compute, not epochs: `kind`
+        "train" (forward + backward, `what` = the training run, fine-tunes pooled) or "eval" (forward, `what` =
+        the split); per key, sub-net passes over a batch, sub-net images, and forward GMACs of those images."""
+        key = what.split("-")[0] if what.startswith("finetune-") else what
+        entry = self.state.setdefault("compute", {}).setdefault(kind, {}).setdefault(
+            key, {"subnet_batches": 0, "subnet_images": 0, "forward_gmacs": 0.0})
+        entry["subnet_batches"] += len(configs)
+        entry["subnet_images"] += images * len(configs)
+        entry["forward_gmacs"] += images * sum(self.macs(c) for c in configs) / 1e9
+
+    def accuracy_of(self, hits: torch.Tensor) -> float:
+        """The accuracy over every process's shard that `correct`'s vectors say."""
+        return accuracy_of(hits, self.procs.sum)
+
     def calibrate(self, config: SubnetConfig | None) -> tuple[dict[str, torch.Tensor], int]:
+        self.count_compute("eval", "calibration", [config], min(self.options.calibration_images, len(self.splits.train)))
         return calibrate(self.net, config, self._calibration_batches(), reduce=self.procs.mean)
 
     def _calibration_batches(self):
@@ -293,6 +322,7 @@ class SearchRun:
                     losses = multi_subnet_step(self.net, optimizer, x, y, configs, procs=self.procs, distill=distill,
                                                transform=scales.transform if scales is not None else None)
                     step += 1
+                    self.count_compute("train", run_id, configs, len(x) * self.procs.world_size)
                     self.progress("train", id=run_id, label=label or run_id, step=step, total=total,
                                   loss=losses["largest"], macs=[self.macs(c) / self.full_macs for c in configs[1:2]])
                     if check is not None and check_every and step % check_every == 0 and step < total:
@@ -314,6 +344,33 @@ class SearchRun:
         return step
 
     # ── phases shared by both methods ──
+
+    @property
+    def ranking(self) -> str:
+        """The channel-group ranking this run uses: `--rank`, else the method's default."""
+        return self.options.rank or get_search_method(self.options.method).default_rank
+
+    def rank_groups(self) -> None:
+        """Phase `rank`: order each set's channel groups (noise or L1, see `rank.py`; none keeps convert's order).
+        Groups are then in that order, so every sub-net keeps a prefix of each set."""
+        o, v = self.options, self.state["values"]
+        if not self.phase("rank"):
+            return
+        if self.ranking == "none":
+            scores = {s.name: [0.0] * len(s.groups) for s in self.dg.free_sets}
+        elif self.ranking == "l1":
+            scores = l1_scores(self.dg, self.net.full)
+        else:
+            scales = NoiseScales(self.dg, o.noise_init)
+            self.train("rank-noise", o.noise_epochs, lambda step, gen: [None], lr=o.noise_lr, scales=scales,
+                       distill=False, label="noise ranking")
+            scores = scales.scores()
+        order = group_order(scores, rank=self.ranking, direction=o.rank_direction)
+        v["group_order"] = order
+        self.reorder_groups(order)
+        self.event("rank", rank=self.ranking, direction=o.rank_direction,
+                   scores={k: [round(x, 5) for x in s] for k, s in scores.items()}, order=order)
+        self.finish_phase("rank")
 
     def measure_given_model(self) -> None:
         """Accuracy of the model as given (its own BN statistics); train it first if it looks untrained."""
@@ -341,7 +398,7 @@ class SearchRun:
         result = SearchResult(
             method=self.options.method, subnets=[r for r, _ in records], group_order=group_order,
             full_accuracy=self.state["values"].get("given_test_accuracy"), options=asdict(self.options),
-            history=self.state["history"], data={"dataset": self.splits.info.name, "notes": self.splits.notes,
+            history=self.state["history"], compute=self.state.get("compute", {}), data={"dataset": self.splits.info.name, "notes": self.splits.notes,
                                                  "train": len(self.splits.train), "search": len(self.splits.search),
                                                  "test": len(self.splits.test)},
             wall_s=round(self.wall_s, 1))

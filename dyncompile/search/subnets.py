@@ -28,7 +28,7 @@ from torch import nn
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.passes.extract import extract_with_indices, index_probe
 
-__all__ = ["SharedSubnets", "full_config", "config_key", "accuracy", "calibrate", "batchnorms"]
+__all__ = ["SharedSubnets", "full_config", "config_key", "correct", "accuracy", "accuracy_of", "calibrate", "batchnorms"]
 
 ParamTransform = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -120,25 +120,37 @@ def _restore_bn(saved) -> None:
 
 
 @torch.no_grad()
-def accuracy(net: SharedSubnets, config: SubnetConfig | None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             *, bn: str = "stored", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Top-1 accuracy of sub-net `config`. bn="batch": BatchNorm uses each batch's statistics (the search's
-    mode: no calibration per candidate); bn="stored": the skeleton's running statistics (after `calibrate`).
-    `reduce` sums the (correct, seen) counts over processes when the data is sharded."""
+def correct(net: SharedSubnets, config: SubnetConfig | None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+            *, bn: str = "stored") -> torch.Tensor:
+    """Which images sub-net `config` classifies right (a 0/1 vector, in batch order). bn="batch": BatchNorm uses
+    each batch's statistics (the search's mode: no calibration per candidate); bn="stored": the skeleton's
+    running statistics (after `calibrate`)."""
     was_training = net.training
     net.eval()
     sk = net.skeleton(config)
     saved = _set_bn_mode(sk.module, batch_statistics=bn == "batch")
-    counts = torch.zeros(2, dtype=torch.float64)
+    hits = []
     try:
         params = net.sliced_parameters(sk)
         for x, y in batches:
             logits = torch.func.functional_call(sk.module, params, (x,), strict=False)
-            counts[0] += (logits.argmax(1) == y).sum().item()
-            counts[1] += len(y)
+            hits.append(logits.argmax(1) == y)
     finally:
         _restore_bn(saved)
         net.train(was_training)
+    return torch.cat(hits).to(torch.uint8) if hits else torch.zeros(0, dtype=torch.uint8)
+
+
+def accuracy(net: SharedSubnets, config: SubnetConfig | None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             *, bn: str = "stored", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Top-1 accuracy of sub-net `config` (`bn` as in `correct`). `reduce` sums the (correct, seen) counts over
+    processes when the data is sharded."""
+    return accuracy_of(correct(net, config, batches, bn=bn), reduce)
+
+
+def accuracy_of(hits: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """The accuracy a 0/1 vector of `correct` says, summed over processes by `reduce` when the data is sharded."""
+    counts = torch.tensor([float(hits.sum()), float(len(hits))], dtype=torch.float64)
     if reduce is not None:
         counts = reduce(counts)
     return float(counts[0] / counts[1]) if counts[1] else 0.0

@@ -57,6 +57,12 @@ FEATURES: dict[str, str] = {
     "avgpool": "fixed-size average pooling inside the network",
     "adaptive_pool": "adaptive (global) pooling",
     "mean_pool": "global pooling written as x.mean over H, W",
+    # issue 15: static python (untraceable by torch.fx, static once the input shape is known)
+    "shape_assert": "assert on shapes in forward (x.shape[1] % 2 == 0, out.shape == x.shape)",
+    "size_factory": "a tensor factory sized from the input (torch.zeros(b, c, h, w) padding a shortcut)",
+    "forward_flag": "a non-tensor forward argument with a default (forward(x, only_last=True))",
+    "batch_python": "Python arithmetic on the batch size (int(x.size(0) * p) for a training-only drop-path)",
+    "prelu": "PReLU",
     # issue 15: functional layers
     "functional_conv": "an nn.Conv2d subclass whose forward calls F.conv2d on its own parameters",
     "weight_mask": "a fixed 0/1 mask buffer multiplied onto a conv weight (weight * mask)",
@@ -186,6 +192,15 @@ _ENTRIES = [
            "shuffle const_view grouped depthwise residual dropout avgpool adaptive_pool relu"),
     _entry("layer-scale-cifar", "layer_scale:layer_scale_cifar", CIFAR,
            "layer_scale depthwise residual gelu mean_pool"),
+    # issue 15: static python (traced by the concrete fallback: shapes and flags are constants at the input shape)
+    _entry("shape-assert-cifar", "static_python:shape_assert_cifar", CIFAR,
+           "shape_assert chunk concat residual sigmoid_gate adaptive_pool relu", needs_fallback=True),
+    _entry("enet-cifar", "static_python:enet_cifar", CIFAR,
+           "size_factory concat residual maxpool adaptive_pool prelu", needs_fallback=True),
+    _entry("multi-exit-cifar", "static_python:multi_exit_cifar", CIFAR,
+           "forward_flag adaptive_pool relu", needs_fallback=True),
+    _entry("fractalnet-cifar", "static_python:fractalnet_cifar", CIFAR,
+           "batch_python maxpool mean_pool relu", needs_fallback=True),
     # issue 15: functional layers
     _entry("masked-densenet-cifar", "functional_layers:masked_densenet_cifar", CIFAR,
            "functional_conv weight_mask concat dense_concat avgpool adaptive_pool relu"),

@@ -3,16 +3,19 @@ reordering and the US-Nets widths. Fast: no training, no data."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from dyncompile.errors import ConfigError, WorkspaceError
 from dyncompile.ir import ChannelSet, DynGraph, reorder_groups, uniform_config
 from dyncompile.pipeline import analyse_model
-from dyncompile.search.progressive import filter_chain, floor_groups, select_for_budgets, shrink_candidates
+from dyncompile.search.progressive import floor_groups, shrink_candidates
+from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets, widths_for_budgets
 from dyncompile.search.rank import group_order, l1_scores
 from dyncompile.search.result import SearchResult, apply_result
-from dyncompile.search.usnet import closest_widths, uniform_widths
+from dyncompile.search.usnet import uniform_widths
 from tests.search.tiny_models import tiny_residual_cnn
 
 
@@ -86,10 +89,10 @@ def test_filter_chain_keeps_the_monotone_chain():
     chain = [entry(1.0, 0.90, 0), entry(0.8, 0.88, 1), entry(0.6, 0.70, 2),  # 0.6 dominated by 0.4 (fine-tuned)
              entry(0.4, 0.80, 3), entry(0.3, 0.80, 4), entry(0.2, 0.60, 5)]
     kept = filter_chain(chain)
-    # 0.6 is beaten by the smaller 0.4 (a fine-tune's effect); 0.4 only ties the smaller 0.3: both dropped
-    assert [e["step"] for e in kept] == [0, 1, 4, 5]
+    # 0.6 is beaten by the smaller 0.4 (a fine-tune's effect); 0.4 only ties the smaller 0.3: a tie is no proof
+    assert [e["step"] for e in kept] == [0, 1, 3, 4, 5]
     accs = [e["accuracy"] for e in kept[1:]]
-    assert accs == sorted(accs, reverse=True) and len(set(accs)) == len(accs)  # strictly better when larger
+    assert accs == sorted(accs, reverse=True)  # never less accurate when larger
     macs = [e["macs_fraction"] for e in kept]
     assert macs == sorted(macs, reverse=True)
 
@@ -102,38 +105,109 @@ def test_filter_chain_always_keeps_the_full_model_and_the_smallest():
 
 # ── select_for_budgets ──
 
-def test_select_for_budgets_best_accuracy_inside_the_window():
+def chosen_steps(chain, budgets, tolerance=0.05, window="under", **kw):
+    chosen, notes = select_for_budgets(chain, budgets, tolerance, window, **kw)
+    return {b: e["step"] for b, e in chosen.items()}, notes
+
+
+def test_select_for_budgets_around_is_the_papers_window():
     chain = [entry(1.0, 0.9, 0), entry(0.54, 0.80, 1), entry(0.50, 0.85, 2), entry(0.47, 0.85, 3),
              entry(0.27, 0.70, 4)]
-    chosen = select_for_budgets(chain, [0.25, 0.5, 1.0], 0.05)
-    assert chosen[1.0]["step"] == 0
-    assert chosen[0.5]["step"] == 3  # 0.85 twice: the smaller one wins the tie
-    assert chosen[0.25]["step"] == 4
+    steps, notes = chosen_steps(chain, [0.25, 0.5, 1.0], window="around")
+    assert steps == {1.0: 0, 0.5: 2, 0.25: 4} and not notes  # 0.85 twice: the larger one wins the tie
 
 
-def test_select_for_budgets_falls_back_to_the_largest_under_the_budget():
-    chain = [entry(1.0, 0.9, 0), entry(0.7, 0.8, 1), entry(0.35, 0.75, 2), entry(0.2, 0.6, 3)]
-    chosen = select_for_budgets(chain, [0.5], 0.05)
-    assert chosen[0.5]["step"] == 2  # nothing in 0.45..0.55: the largest ≤ 0.5
+def test_a_budget_is_a_cap_by_default():
+    chain = [entry(1.0, 0.9, 0), entry(0.54, 0.88, 1), entry(0.50, 0.80, 2), entry(0.47, 0.82, 3),
+             entry(0.27, 0.70, 4), entry(0.22, 0.65, 5)]
+    chosen, _ = select_for_budgets(chain, [0.25, 0.5], 0.05)
+    assert {b: e["step"] for b, e in chosen.items()} == {0.25: 5, 0.5: 3}  # the best at or under each budget
+    assert all(e["macs_fraction"] <= b for b, e in chosen.items())
+    around, _ = chosen_steps(chain, [0.25, 0.5], window="around")
+    assert around == {0.25: 4, 0.5: 1}  # 27% and 54%: over the budgets
+
+
+def test_full_budget_is_the_full_model_even_when_a_smaller_candidate_scores_higher():
+    chain = [entry(1.0, 0.90, 0), entry(0.97, 0.91, 1), entry(0.5, 0.85, 2)]
+    assert chosen_steps(chain, [1.0, 0.5])[0] == {1.0: 0, 0.5: 2}
+
+
+def test_falls_back_to_the_whole_chain_then_to_the_largest_under_the_budget():
+    chain = [entry(1.0, 0.9, 0), entry(0.7, 0.8, 1), entry(0.48, 0.70, 2), entry(0.35, 0.75, 3), entry(0.2, 0.6, 4)]
+    filtered = filter_chain(chain)
+    assert 2 not in [e["step"] for e in filtered]  # the smaller 35% candidate beats it
+    assert chosen_steps(chain, [0.5], filtered=filtered)[0] == {0.5: 2}  # the filter emptied the window, not the chain
+    assert chosen_steps(chain, [0.4], filtered=filtered)[0] == {0.4: 3}
+    assert chosen_steps(chain, [0.3], filtered=filtered)[0] == {0.3: 4}  # nothing in 25..30%: the largest under it
+
+
+def test_every_budget_gets_its_own_subnet_while_one_is_left():
+    """The demo's bug: the 50% window was empty and both 50% and 25% fell back to the same 24.9% network."""
+    chain = [entry(1.0, 0.9, 0), entry(0.7, 0.8, 1), entry(0.249, 0.85, 2), entry(0.2, 0.6, 3)]
+    steps, notes = chosen_steps(chain, [0.25, 0.5, 1.0], filtered=filter_chain(chain))
+    assert steps == {0.25: 2, 0.5: 3, 1.0: 0} and not notes  # 20% is under 50% too: its own sub-net
+    steps, notes = chosen_steps(chain[:3], [0.25, 0.5, 1.0])
+    assert steps == {0.25: 2, 0.5: 2, 1.0: 0}  # nothing else under 50%: shared, and said
+    assert notes == ["budgets 50% and 25% share one sub-net (24.9% MACs): the search has no other candidate "
+                     "under 50%; it is built once"]
 
 
 def test_select_for_budgets_refuses_a_budget_nothing_fits():
     chain = [entry(1.0, 0.9, 0), entry(0.6, 0.8, 1), entry(0.4, 0.7, 2)]
     with pytest.raises(ConfigError, match="no sub-net fits 10% .* smallest the search reached is 40.0%"):
         select_for_budgets(chain, [0.1, 0.5], 0.05)
-    # inside the tolerance above the budget still fits
-    assert select_for_budgets(chain, [0.36], 0.05)[0.36]["step"] == 2
+    with pytest.raises(ConfigError, match="no sub-net fits 36%"):
+        select_for_budgets(chain, [0.36], 0.05)  # a cap: 40% does not fit 36%
+    assert chosen_steps(chain, [0.36], window="around")[0] == {0.36: 2}  # the paper's window does
 
 
+# ── the paired noise test ──
 
-def test_select_for_budgets_under_never_goes_over_the_budget():
-    chain = [entry(1.0, 0.9, 0), entry(0.54, 0.88, 1), entry(0.50, 0.80, 2), entry(0.47, 0.82, 3),
-             entry(0.27, 0.70, 4), entry(0.22, 0.65, 5)]
-    around = select_for_budgets(chain, [0.25, 0.5], 0.05, "around")
-    under = select_for_budgets(chain, [0.25, 0.5], 0.05, "under")
-    assert around[0.5]["step"] == 1 and around[0.25]["step"] == 4  # 54% and 27%: over the budget
-    assert under[0.5]["step"] == 3 and under[0.25]["step"] == 5  # the best at or under it
-    assert all(e["macs_fraction"] <= b for b, e in under.items())
+def paired(steps, correct_rows):
+    return PairedCounts.from_correct(steps, torch.tensor(correct_rows))
+
+
+def test_paired_z_counts_only_the_images_two_candidates_disagree_on():
+    # 100 images; a and b agree on 90; a gets 7 of the other 10 right, b 3: a is 4 points better
+    a = [1] * 80 + [0] * 10 + [1] * 7 + [0] * 3
+    b = [1] * 80 + [0] * 10 + [0] * 7 + [1] * 3
+    counts = paired([0, 1], [a, b])
+    n_ab, n_ba, n = 7, 3, 100
+    diff = (n_ab - n_ba) / n
+    expected = diff / math.sqrt(((n_ab + n_ba) / n - diff ** 2) / n)
+    assert counts.z({"step": 0}, {"step": 1}) == pytest.approx(expected)
+    assert counts.z({"step": 1}, {"step": 0}) == pytest.approx(-expected)
+    assert counts.z({"step": 0}, {"step": 0}) == 0.0
+    assert counts.better(1.0)({"step": 0}, {"step": 1}) and not counts.better(2.0)({"step": 0}, {"step": 1})
+
+
+def test_within_the_noise_the_filter_keeps_and_the_window_prefers_the_larger_candidate():
+    n = 400
+    larger = [1] * 300 + [0] * 100  # 47% MACs: 300 right
+    smaller = larger[:]  # 45% MACs: 2 images more, half a point: within the noise
+    smaller[300] = smaller[301] = 1
+    smallest = [1] * 200 + [0] * 200  # 20%: far worse
+    chain = [entry(1.0, 1.0, 0), entry(0.47, 0.75, 1), entry(0.45, 0.755, 2), entry(0.2, 0.5, 3)]
+    better = paired([0, 1, 2, 3], [[1] * n, larger, smaller, smallest]).better(2.0)
+    assert [e["step"] for e in filter_chain(chain)] == [0, 2, 3]  # plain: the larger one is "dominated"
+    kept = filter_chain(chain, better)
+    assert [e["step"] for e in kept] == [0, 1, 2, 3]
+    assert chosen_steps(chain, [0.5], filtered=kept, better=better)[0] == {0.5: 1}  # the split can't tell: larger
+    assert chosen_steps(chain, [0.5])[0] == {0.5: 2}  # plain rule: the higher number wins
+    much_better = paired([0, 1, 2, 3], [[1] * n, larger, smaller, [1] * n]).better(2.0)  # 20% now 100% right
+    assert [e["step"] for e in filter_chain(chain[:3] + [entry(0.2, 1.0, 3)], much_better)] == [0, 3]
+
+
+def test_widths_for_budgets_caps_and_distinct_widths():
+    macs_of = {1.0: 1.0, 0.75: 0.58, 0.5: 0.30, 0.25: 0.10}
+    chosen, notes = widths_for_budgets(macs_of, [0.1, 0.15, 0.35, 0.6, 1.0])
+    assert chosen == {0.1: 0.25, 0.15: 0.25, 0.35: 0.5, 0.6: 0.75, 1.0: 1.0}
+    assert notes == ["budgets 15% and 10% share one sub-net (10.0% MACs): the search has no other candidate under "
+                     "15%; it is built once"]
+    around, _ = widths_for_budgets(macs_of, [0.1, 0.15, 0.25, 0.5, 1.0], "around")
+    assert around == {0.1: 0.25, 0.15: 0.25, 0.25: 0.5, 0.5: 0.75, 1.0: 1.0}  # closest, over or under
+    assert widths_for_budgets({1.0: 0.75, 0.5: 0.25}, [0.5], "around")[0] == {0.5: 0.5}  # a tie: the smaller width
+
 
 # ── group_order ──
 
@@ -211,10 +285,3 @@ def test_uniform_widths_round_to_groups_and_stop_at_the_minimum():
         assert all(smaller[k] <= bigger[k] for k in bigger)
     assert uniform_widths(dg, 0.5) == [k / 8 for k in range(8, 3, -1)]
     assert uniform_widths(dg, 1.0) == [1.0]
-
-
-def test_closest_widths_pick_the_nearest_macs_and_the_smaller_on_ties():
-    macs_of = {1.0: 1.0, 0.75: 0.58, 0.5: 0.30, 0.25: 0.10}
-    chosen = closest_widths(macs_of, [0.1, 0.15, 0.25, 0.5, 1.0])
-    assert chosen == {0.1: 0.25, 0.15: 0.25, 0.25: 0.5, 0.5: 0.75, 1.0: 1.0}
-    assert closest_widths({1.0: 0.75, 0.5: 0.25}, [0.5]) == {0.5: 0.5}  # 0.25 either way: the smaller width
