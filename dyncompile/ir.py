@@ -9,6 +9,7 @@ Per-node facts live on the fx graph itself (`node.meta`), as torch.fx's own pass
   as the value and size 1 along every dim where the id does not vary ("compressed"); a tuple of such for a
   tuple-valued node; None otherwise. Two elements with the same class id are kept or dropped together.
 - ``node.meta[SHAPE]``: the real shape seen while tracing at batch 1 (tuple, or tuple of tuples).
+- ``node.meta[OPAQUE]``: on a functional layer call left as it is, why (the coupling analysis reports it).
 
 Class id 0 (`FIXED`) is the class of everything that must never be dropped (network input, classifier
 output, whatever feeds an operation the analysis does not understand).
@@ -24,13 +25,14 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["ARGS", "FIXED", "LABELS", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config", "keep_mask",
-           "reorder_groups", "output_tensors"]
+__all__ = ["ARGS", "FIXED", "LABELS", "OPAQUE", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config",
+           "keep_mask", "reorder_groups", "output_tensors"]
 
 FIXED = 0
 LABELS = "dyncompile_labels"
 SHAPE = "dyncompile_shape"
 ARGS = "dyncompile_args"  # concrete (args, kwargs) of rearranging ops, seen while tracing
+OPAQUE = "dyncompile_opaque"  # why a functional layer call was not lifted into a layer (passes/functional.py)
 
 
 @dataclass

@@ -12,8 +12,10 @@ A rule answers, for one `nn.Module` class, the questions every pass asks about a
 `layer_rule_for(module)` walks the module's class hierarchy (MRO) for a registered class, but only up to the
 class whose `forward` the module runs: a subclass with its own forward (timm's Conv2dSame) computes something
 else than the layer the rule describes, so it stays opaque (its channels are kept whole) until a rule is
-registered for the subclass itself. Activations, pooling and rearrangements are not layer rules: they are the
-op handlers of `passes/couple.py`.
+registered for the subclass itself. That matters for leaf modules: fx traces into a user subclass that is
+not a leaf, and `passes/functional.py` lifts its `F.conv2d`/`F.batch_norm`/… calls into the layers they are
+(`WeightExpressionRule` for a weight like ``self.weight * self.mask``). Activations, pooling and
+rearrangements are not layer rules: they are the op handlers of `passes/couple.py`.
 
 Adding a layer type is one registration. A user conv with its own weight, forward and a per-channel scale::
 
@@ -58,7 +60,7 @@ import torch
 from torch import nn
 
 from dyncompile.errors import ConfigError, ExtractionError
-from dyncompile.layers import (SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
+from dyncompile.layers import (ExprConv1d, ExprConv2d, ExprConv3d, ExprLinear, SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
                                SlimConvTranspose3d, SlimLinear)
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ if TYPE_CHECKING:
     from dyncompile.passes.couple import CouplingAnalysis
 
 __all__ = ["LayerRule", "ProducerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "ChannelwiseRule",
-           "GroupNormRule", "PReLURule", "register_layer_rule", "unregister_layer_rule", "layer_rule_for",
+           "GroupNormRule", "PReLURule", "WeightExpressionRule", "LayerNormRule", "register_layer_rule", "unregister_layer_rule", "layer_rule_for",
            "producer_rule_for",
            "has_torch_forward"]
 
@@ -90,6 +92,10 @@ class LayerRule:
     def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
         """A copy of `module` keeping input channels `in_idx` and output channels `out_idx` (in order)."""
         raise NotImplementedError
+
+    def computed_weight(self, module: nn.Module) -> torch.Tensor:
+        """The weight the layer computes with (the search ranks output channels by its filters)."""
+        return module.weight
 
 
 class ProducerRule(LayerRule):
@@ -119,10 +125,14 @@ class LinearRule(ProducerRule):
     def __init__(self) -> None:
         super().__init__(channel_dim=-1, kind="linear", slim_class=SlimLinear)
 
+    def weight_index(self, module: nn.Linear, in_idx: torch.Tensor, out_idx: torch.Tensor) -> list[torch.Tensor]:
+        """The kept indices along each dim of the weight."""
+        return [out_idx, in_idx]
+
     def extract(self, module: nn.Linear, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Linear:
         new = _plain_copy(module)
         new.in_features, new.out_features = len(in_idx), len(out_idx)
-        new.weight = nn.Parameter(module.weight.detach()[out_idx][:, in_idx].clone())
+        new.weight = nn.Parameter(_cut(module.weight.detach(), self.weight_index(module, in_idx, out_idx)).clone())
         _slice_bias(module, new, out_idx)
         return new
 
@@ -155,9 +165,18 @@ class ConvRule(ProducerRule):
             for j in range(out_pg):
                 a.tie_all(outputs[j::out_pg], node, f"{where}: output position {j} in every group")
 
-    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+    def cut_plan(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], int]:
+        """(kept indices along the weight's first two dims, conv-groups kept); the kernel is never cut."""
         positions, groups = _grouped_cut(out_idx, in_idx, module.out_channels, module.in_channels, module.groups)
-        return self._cut(module, in_idx, out_idx, module.weight.detach()[out_idx][:, positions], groups)
+        return [out_idx, positions], groups
+
+    def weight_index(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> list[torch.Tensor]:
+        return self.cut_plan(module, in_idx, out_idx)[0]
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        index, groups = self.cut_plan(module, in_idx, out_idx)
+        return self._cut(module, in_idx, out_idx, _cut(module.weight.detach(), index), groups)
 
     def _cut(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor, weight: torch.Tensor,
              groups: int) -> nn.Module:
@@ -177,9 +196,63 @@ class ConvTransposeRule(ConvRule):
     def __init__(self, slim_class: type[nn.Module] | None = None):
         super().__init__(slim_class=slim_class, kind="transposed conv")
 
-    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+    def cut_plan(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor
+                 ) -> tuple[list[torch.Tensor], int]:
         positions, groups = _grouped_cut(in_idx, out_idx, module.in_channels, module.out_channels, module.groups)
-        return self._cut(module, in_idx, out_idx, module.weight.detach()[in_idx][:, positions], groups)
+        return [in_idx, positions], groups
+
+
+class WeightExpressionRule(ProducerRule):
+    """A conv or linear whose weight is an element-wise expression of its tensors (`dyncompile.layers.ExprConv2d`,
+    lifted from ``F.conv2d(x, self.weight * self.mask)``): it couples like `base`, and a cut keeps the same
+    indices of every operand as of the weight, where the operand is not broadcast. Element-wise functions commute
+    with slicing, so the cut layer computes exactly the cut of the full layer's weight."""
+
+    def __init__(self, base: ConvRule | LinearRule):
+        super().__init__(channel_dim=base.channel_dim, kind=base.kind)
+        self.base, self.weight_out_dim = base, base.weight_out_dim
+
+    def tie(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, inputs: torch.Tensor,
+            outputs: torch.Tensor) -> None:
+        self.base.tie(a, node, module, inputs, outputs)
+
+    def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
+        new = self.base.extract(module, in_idx, out_idx)
+        index, rank = self.base.weight_index(module, in_idx, out_idx), module.weight.dim()
+        operands = []
+        for name, is_parameter, _ in module.operands:
+            t = getattr(module, name)
+            cut = _cut(t.detach(), index, rank).clone()
+            new._parameters.pop(name, None)  # the base cut makes `weight` a parameter, also where it is a buffer
+            new._buffers.pop(name, None)
+            if is_parameter:
+                new.register_parameter(name, nn.Parameter(cut, t.requires_grad))
+            else:
+                new.register_buffer(name, cut)
+            operands.append((name, is_parameter, tuple(cut.shape)))
+        new.operands = tuple(operands)
+        return new
+
+    def computed_weight(self, module: nn.Module) -> torch.Tensor:
+        return module.effective_weight()  # a pruned filter is ranked by what is left of it
+
+
+class LayerNormRule(LayerRule):
+    """nn.LayerNorm normalises over its last dims. Channels (dim 1) among them are fixed: over fewer channels the
+    mean and variance are another function (zeroed channels still count in the masked model), so nothing there
+    can be dropped. Channels along a dim it does not normalise pass through, and its parameters (along the
+    normalised dims) are never cut."""
+
+    def couple(self, a: CouplingAnalysis, node: fx.Node, module: nn.LayerNorm, value: torch.Tensor) -> torch.Tensor:
+        labels = a.lab(node.args[0])
+        normalised = range(value.dim() - len(module.normalized_shape), value.dim())
+        if any(labels.shape[d] > 1 for d in normalised):
+            a.fix(labels, f"LayerNorm '{node.target}' normalises across channels")
+            return a.roots(labels)
+        return a.input_channels(node, self.channel_dim, a.describe(node))[0]
+
+    def extract(self, module: nn.LayerNorm, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.LayerNorm:
+        return _plain_copy(module)
 
 
 class ChannelwiseRule(LayerRule):
@@ -291,6 +364,10 @@ for _conv, _slim in ((nn.ConvTranspose1d, SlimConvTranspose1d), (nn.ConvTranspos
                      (nn.ConvTranspose3d, SlimConvTranspose3d)):
     register_layer_rule(_conv, ConvTransposeRule(_slim))
 register_layer_rule(nn.Linear, LinearRule())
+for _expr, _base in ((ExprConv1d, ConvRule()), (ExprConv2d, ConvRule()), (ExprConv3d, ConvRule()),
+                     (ExprLinear, LinearRule())):
+    register_layer_rule(_expr, WeightExpressionRule(_base))
+register_layer_rule(nn.LayerNorm, LayerNormRule())
 for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     register_layer_rule(_norm, ChannelwiseRule())
@@ -306,6 +383,17 @@ def _plain_copy(module: nn.Module) -> nn.Module:
     if has_torch_forward(module):
         new.__class__ = next(cls for cls in type(module).__mro__ if cls.__module__.startswith("torch.nn"))
     return new
+
+
+def _cut(t: torch.Tensor, index: list[torch.Tensor], rank: int | None = None) -> torch.Tensor:
+    """`t` keeping `index[d]` along each dim d of the rank-`rank` weight it broadcasts to (aligned to its last
+    dims, as broadcasting aligns); where `t` has size 1 it is broadcast, so nothing is cut there."""
+    rank = t.dim() if rank is None else rank
+    for d, idx in enumerate(index):
+        td = d - (rank - t.dim())
+        if td >= 0 and t.shape[td] > 1:
+            t = t.index_select(td, idx)
+    return t
 
 
 def _slice_bias(module: nn.Module, new: nn.Module, out_idx: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """The conversion pipeline, readable top to bottom: each step is a pass you can also run alone.
 
-    trace → couple → group            (analysis: DynGraph with channel sets and groups)
+    trace → lift → couple → group     (analysis: DynGraph with channel sets and groups)
     rewrite                           (the slimmable model: Slim* layers + channel-group masks)
     extract(config)                   (any sub-net as a plain, smaller nn.Module)
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from dyncompile.ir import DynGraph
 from dyncompile.passes.couple import couple
+from dyncompile.passes.functional import lift_functional_layers
 from dyncompile.passes.group import group
 from dyncompile.passes.trace import trace
 
@@ -31,6 +32,7 @@ class AnalysisOptions:
 
 # (name, what it does in words for progress lines, the pass); every pass takes (DynGraph, AnalysisOptions)
 ANALYSIS_PASSES: list[tuple[str, str, Callable[[DynGraph, AnalysisOptions], DynGraph]]] = [
+    ("lift", "lifting functional layers", lambda dg, o: lift_functional_layers(dg)),
     ("couple", "analysing channel couplings", lambda dg, o: couple(dg, o.grouped_conv_mode)),
     ("group", "grouping channels", lambda dg, o: group(dg, o.groups)),
 ]
@@ -39,7 +41,7 @@ ANALYSIS_PASSES: list[tuple[str, str, Callable[[DynGraph, AnalysisOptions], DynG
 def analyse_model(model: nn.Module, input_shape: tuple[int, ...], groups: int = 8, leaf_modules: tuple[str, ...] = (),
                   grouped_conv_mode: str = "auto", dump_after: str | None = None,
                   step: Callable[[str], None] = lambda _: None) -> DynGraph:
-    """trace → couple → group. `dump_after`: print the DynGraph's sets after that pass (debugging); `step` is told
+    """trace → lift → couple → group. `dump_after`: print the DynGraph's sets after that pass (debugging); `step` is told
     what runs next (progress)."""
     options = AnalysisOptions(groups, grouped_conv_mode)
     step("tracing")

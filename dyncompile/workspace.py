@@ -32,8 +32,7 @@ from dyncompile.fileio import check_checksums, read_json, replace_durably, sha25
 from dyncompile.graph_io import is_safe_module, load_graph_module, save_graph_module
 from dyncompile.ir import DynGraph
 from dyncompile.loading import ModelSource, import_factory
-from dyncompile.passes.couple import couple
-from dyncompile.passes.group import group
+from dyncompile.pipeline import ANALYSIS_PASSES, AnalysisOptions
 
 __all__ = ["DEFAULT_WORKSPACE", "Workspace", "save_workspace", "load_workspace"]
 
@@ -144,8 +143,9 @@ def load_workspace(path: str | Path = DEFAULT_WORKSPACE) -> Workspace:
     gm = load_graph_module(path, name="graph", external=_rebuild_external(spec))
     dg = DynGraph(gm=gm, input_shape=tuple(spec["input_shape"]), trace_mode=spec["trace_mode"],
                   leaf_modules=tuple(spec["leaf_modules"]))
-    couple(dg, spec["grouped_conv_mode"])
-    group(dg, spec["groups"])
+    options = AnalysisOptions(spec["groups"], spec["grouped_conv_mode"])
+    for _, _, run_pass in ANALYSIS_PASSES:  # the stored graph is already lifted: this redoes the analysis
+        dg = run_pass(dg, options)
     stored = [(s["name"], s["producers"], s["class_ids"], s["group_class_ids"]) for s in spec["sets"]]
     fresh = [(s.name, s.producers, s.classes, s.groups) for s in dg.sets]
     if stored != fresh:

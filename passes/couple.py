@@ -38,7 +38,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
+from dyncompile.ir import ARGS, FIXED, LABELS, OPAQUE, SHAPE, ChannelSet, DynGraph
 from dyncompile.layer_rules import has_torch_forward, layer_rule_for, producer_rule_for
 
 __all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
@@ -371,7 +371,7 @@ class CouplingAnalysis(fx.Interpreter):
     def unknown(self, n: fx.Node, value: Any) -> Any:
         args = self.lab((n.args, tuple(n.kwargs.values())))
         if _tensor_leaves(args):
-            self.fix(args, f"{_describe(n)} is not understood by the analysis")
+            self.fix(args, f"{_describe(n)} {n.meta.get(OPAQUE, 'is not understood by the analysis')}")
         return fixed_like(value)
 
 

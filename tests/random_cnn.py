@@ -18,7 +18,9 @@ chunk(2), torch.split with constant sizes (list or int), slicing / narrow, chann
 with sizes from ``x.size()`` or constants, permute+flatten, F.channel_shuffle, nn.ChannelShuffle), SE gate,
 index_select with a constant index buffer (permutation, subset, duplicates), activations (relu, relu6,
 hardswish, silu, leaky_relu; module or functional), dropout, max/avg pooling, layer-scale parameter multiply,
-standalone BatchNorm. Heads: global pool (+ optional hidden linear) → linear, or flatten of a ≤ 4x4 map → linear.
+standalone BatchNorm, functional layers (``fconv``: an nn.Conv2d subclass calling F.conv2d on its weight, maybe
+times a fixed mask buffer, or F.linear on channels-last, then an nn.BatchNorm2d subclass calling F.batch_norm).
+Heads: global pool (+ optional hidden linear) → linear, or flatten of a ≤ 4x4 map → linear.
 
 Every parameter and BN statistic is drawn from a generator seeded by the spec (non-trivial BN statistics and
 affine parameters, random biases and layer scales), so a spec always builds the same model.
@@ -37,7 +39,7 @@ __all__ = ["KINDS", "cnn_specs", "build_model", "RandomCNN"]
 
 ACTS = ("relu", "relu6", "hardswish", "silu", "leaky_relu")
 KINDS = ("conv", "dw", "gconv", "res", "mbconv", "up", "add", "cat", "chunk", "split", "slice", "shuffle", "se",
-         "perm", "act", "dropout", "pool", "scale", "bn")
+         "perm", "act", "dropout", "pool", "scale", "bn", "fconv")
 MAX_CAT = 48  # widest concat output
 MAX_MID = 64  # widest inverted-residual expansion
 
@@ -343,9 +345,61 @@ class BN(Block):
         return self.bn(x)
 
 
+class FunctionalConv2d(nn.Conv2d):
+    """A user conv calling F.conv2d on its own weight, times a fixed 0/1 mask ("masked"), or that plus a
+    per-filter trainable gain ("gain": w + w * gain, with w = weight * mask used twice)."""
+
+    def __init__(self, *args, weight: str = "plain", **kwargs):
+        super().__init__(*args, **kwargs)
+        pattern = torch.arange(self.weight.numel()).reshape(self.weight.shape) % 3 != 0
+        self.register_buffer("mask", pattern.float() if weight != "plain" else None)
+        gain = torch.linspace(-0.5, 0.5, self.out_channels).reshape(-1, 1, 1, 1)
+        self.gain = nn.Parameter(gain) if weight == "gain" else None
+
+    def forward(self, x):
+        weight = self.weight if self.mask is None else self.weight * self.mask
+        if self.gain is not None:
+            weight = weight + weight * self.gain
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FunctionalLinear(nn.Linear):
+    """A pointwise layer as F.linear over channels-last (ConvNeXt's pwconv)."""
+
+    def forward(self, x):
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class FunctionalBatchNorm2d(nn.BatchNorm2d):
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
+class FunctionalConv(Block):
+    """Functional layers on the module's own tensors (lifted into layers by passes/functional.py)."""
+
+    def __init__(self, p, c):
+        super().__init__()
+        self.srcs = (p["src"],)
+        if p["layer"] == "linear":
+            self.layer = FunctionalLinear(c, p["out"], bias=p["bias"])
+        else:
+            self.layer = FunctionalConv2d(c, p["out"], p["k"], p["stride"], p["k"] // 2, groups=p["groups"],
+                                          bias=p["bias"], weight=p["layer"])
+        self.bn = FunctionalBatchNorm2d(p["out"]) if p["bn"] else None
+        self.act = _act(p["act"])
+
+    def forward(self, x):
+        x = self.layer(x)
+        x = x if self.bn is None else self.bn(x)
+        return x if self.act is None else self.act(x)
+
+
 BLOCKS = {"conv": Conv, "dw": Conv, "gconv": Conv, "res": Residual, "mbconv": MBConv, "up": Up, "add": Add, "cat": Cat,
           "chunk": Chunk, "split": Split, "slice": Slice, "shuffle": Shuffle, "se": SEBlock, "perm": Perm,
-          "act": ActBlock, "dropout": Dropout, "pool": Pool, "scale": Scale, "bn": BN}
+          "act": ActBlock, "dropout": Dropout, "pool": Pool, "scale": Scale, "bn": BN,
+          "fconv": FunctionalConv}
 
 
 class Head(nn.Module):
@@ -506,6 +560,14 @@ def _block(draw, kind: str, src: int, shapes: list[tuple[int, int]]) -> dict:
         stride = _stride(draw, hw)
         p.update(out=out, k=k, stride=stride, groups=groups, bias=draw(st.booleans()), bn=draw(st.booleans()),
                  act=draw(maybe_act), style=draw(style_ma), inplace=draw(st.booleans()))
+        p["outs"] = [(out, _half(hw, stride))]
+    elif kind == "fconv":
+        layer = draw(st.sampled_from(["plain", "masked", "gain", "linear"]))
+        groups = 1 if layer == "linear" else draw(st.sampled_from([1] + _divisors(c, (2, 4))))
+        out = groups * draw(st.integers(max(1, 4 // groups), max(1, 24 // groups)))
+        k, stride = (1, 1) if layer == "linear" else (draw(st.sampled_from([1, 3])), _stride(draw, hw))
+        p.update(layer=layer, out=out, k=k, stride=stride, groups=groups, bias=draw(st.booleans()),
+                 bn=draw(st.booleans()), act=draw(maybe_act))
         p["outs"] = [(out, _half(hw, stride))]
     elif kind == "up":
         groups = draw(st.sampled_from([1] + _divisors(c, (2, 4))))

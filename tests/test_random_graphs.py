@@ -207,3 +207,20 @@ class OpaqueShuffle(nn.Module):
 def test_regression_opaque_channel_shuffle_extracts_exactly(module, groups):
     torch.manual_seed(0)
     check_guarantees(OpaqueShuffle(module), (1, 3, 4, 4), groups=groups)
+
+
+FUNCTIONAL_KINDS = ("fconv", "conv", "res", "add", "cat", "pool", "act")
+
+
+@settings(max_examples=30, **PROPERTY_SETTINGS)
+@given(spec=cnn_specs(min_blocks=2, max_blocks=6, first="fconv", kinds=FUNCTIONAL_KINDS), groups=GROUPS,
+       width=WIDTHS)
+def test_random_functional_layers_are_lifted_and_keep_guarantees(spec, groups, width):
+    """Functional conv/linear/batch_norm calls on parameters (weights maybe masked) all become layers, and every
+    guarantee holds on them."""
+    model = build_model(spec)
+    dg = analyse_or_assume(model, (1, 3, spec["size"], spec["size"]), groups)
+    left = [n.name for n in dg.gm.graph.nodes if n.op == "call_function"
+            and n.target in (F.conv2d, F.linear, F.batch_norm)]
+    assert not left, f"functional layers left in the graph: {left}"
+    run_spec(spec, groups, width)

@@ -55,6 +55,8 @@ class NoiseScales(nn.Module):
         params = dict(params)
         for producer, (set_name, groups) in self.producers.items():
             name = f"{producer}.weight"
+            if name not in params:
+                continue  # a fixed filter (a buffer): nothing to perturb
             w = params[name]
             scale = self.scales[self.sets[set_name]]
             per_channel = torch.where(groups >= 0, scale[groups.clamp(min=0)], torch.zeros((), dtype=scale.dtype))
@@ -72,7 +74,8 @@ def l1_scores(dg: DynGraph, weights: nn.Module) -> dict[str, list[float]]:
     sums: dict[str, torch.Tensor] = {s.name: torch.zeros(len(s.groups), dtype=torch.float64) for s in dg.free_sets}
     counts: dict[str, torch.Tensor] = {s.name: torch.zeros(len(s.groups), dtype=torch.float64) for s in dg.free_sets}
     for producer, (set_name, groups) in producer_groups(dg).items():
-        w = weights.get_submodule(producer).weight.detach().to(torch.float64)
+        layer = weights.get_submodule(producer)
+        w = producer_rule_for(layer, producer).computed_weight(layer).detach().to(torch.float64)
         norms = w.abs().reshape(w.shape[0], -1).mean(dim=1)  # per output channel, size-normalised across layers
         kept = groups >= 0
         sums[set_name].index_add_(0, groups[kept], norms[kept])

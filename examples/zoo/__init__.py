@@ -72,6 +72,13 @@ FEATURES: dict[str, str] = {
     "per_pixel_output": "a per-pixel class map as the output (segmentation)",
     "multi_output": "a tuple of output tensors (detection: class logits and box deltas)",
     "shared_weights": "one module called on several inputs (a head shared by every pyramid level)",
+    # issue 15: functional layers
+    "functional_conv": "an nn.Conv2d subclass whose forward calls F.conv2d on its own parameters",
+    "weight_mask": "a fixed 0/1 mask buffer multiplied onto a conv weight (weight * mask)",
+    "functional_norm": "norm subclasses calling F.batch_norm / F.group_norm (+ activation) in forward",
+    "functional_linear": "an nn.Linear subclass whose forward calls F.linear",
+    "layer_norm": "LayerNorm over the channels (F.layer_norm on a channels-last permute)",
+    "fixed_filter": "a depthwise F.conv2d whose weight is a fixed filter buffer (blur-pool anti-aliasing)",
 }
 
 
@@ -218,6 +225,11 @@ _ENTRIES = [
            outputs=[(1, 5, 64, 64)]),
     _entry("fpn-two-head-det", "detector:two_head_detector", DENSE,
            "residual upsample shared_weights multi_output relu", outputs=[(1, 240, 6), (1, 240, 4)]),
+    # issue 15: functional layers
+    _entry("masked-densenet-cifar", "functional_layers:masked_densenet_cifar", CIFAR,
+           "functional_conv weight_mask concat dense_concat avgpool adaptive_pool relu"),
+    _entry("timm-style-cifar", "functional_layers:timm_style_cifar", CIFAR,
+           "functional_norm functional_linear fixed_filter layer_norm residual projection silu mean_pool"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
