@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -194,10 +194,62 @@ ELEMENTWISE_METHODS = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "where",
     "__add__", "__radd__", "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "__iadd__",
 }
-REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var"}
-SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
-SOFTMAX_METHODS = {"softmax", "log_softmax"}
+
+
+class Reduction(NamedTuple):
+    """How an op that combines values along `dim` behaves when that dim holds droppable channels.
+
+    The masked reference zeroes a dropped channel where it is produced; the extracted sub-net has no such
+    channel at all. Along a dim where the labels do not vary every output position combines one class only
+    (kept or dropped whole, and masked after), so any reduction is exact there. Across channels the op is
+    exact only if a zero entry is the same as no entry: `exact` says so and `why` says why (or why not)."""
+
+    dim_at: int  # position of `dim` in the node's args (the data is args[0], also for methods)
+    default_dim: int | None  # `dim` when not given; None: every dim
+    exact: bool  # across channels, masked zeros change nothing the sub-net would compute without them
+    why: str  # the argument, in words (also the reason recorded when the channels are fixed)
+    keeps_shape: bool = False  # output has the input's shape (cumsum, normalize, softmax): labels pass through
+    order_at: int | None = None  # position of a norm's order p (exact only for p >= 0)
+    dim_names: tuple[str, ...] = ("dim", "axis")
+
+
+_SUM = Reduction(1, None, True, "a sum over channels: a masked channel adds 0, the sub-net adds nothing")
+_MEAN = Reduction(1, None, False, "a mean over channels divides by the full count; a sub-net would divide by fewer")
+_MAX = Reduction(1, None, False, "a max/min over channels: a masked channel's 0 can win, a sub-net has no such 0")
+_VAR = Reduction(1, None, False, "var/std over channels: masked zeros move the mean and the count")
+_NORM = Reduction(2, None, True, "a p-norm (p >= 0) over channels: |0|^p adds nothing", order_at=1)
+# One entry per spelling: the torch function and the Tensor method of the same name share it.
+REDUCTIONS: dict[Any, Reduction] = {
+    "sum": _SUM, "nansum": _SUM,
+    "count_nonzero": Reduction(1, None, True, "counting non-zeros over channels: a masked 0 is not counted"),
+    "mean": _MEAN, "nanmean": _MEAN,
+    "amax": _MAX, "amin": _MAX, "max": _MAX, "min": _MAX, "argmax": _MAX, "argmin": _MAX,
+    "var": _VAR, "std": _VAR, "var_mean": _VAR, "std_mean": _VAR,
+    "prod": Reduction(1, None, False, "a product over channels: a masked 0 zeroes it"),
+    "logsumexp": Reduction(1, None, False, "logsumexp over channels: each masked 0 adds exp(0) = 1"),
+    "norm": _NORM, "vector_norm": _NORM,
+    "cumsum": Reduction(1, None, True, "a cumulative sum along channels: at a kept channel, masked ones before it "
+                        "added 0", keeps_shape=True),
+    "cumprod": Reduction(1, None, False, "a cumulative product along channels: a masked 0 zeroes what follows",
+                         keeps_shape=True),
+    "softmax": Reduction(1, None, False, "a softmax over channels: each masked 0 adds exp(0) to the denominator",
+                         keeps_shape=True),
+    "log_softmax": Reduction(1, None, False, "a log-softmax over channels: each masked 0 adds exp(0) to the "
+                             "denominator", keeps_shape=True),
+    "normalize": Reduction(2, 1, True, "F.normalize over channels: the p-norm (p > 0) ignores masked zeros and a "
+                           "masked 0 divided stays 0", keeps_shape=True, order_at=1),
+}
+_REDUCTION_FUNCTIONS = {
+    torch.sum: "sum", torch.nansum: "nansum", torch.count_nonzero: "count_nonzero", torch.mean: "mean",
+    torch.nanmean: "nanmean", torch.amax: "amax", torch.amin: "amin", torch.max: "max", torch.min: "min",
+    torch.argmax: "argmax", torch.argmin: "argmin", torch.var: "var", torch.std: "std", torch.var_mean: "var_mean",
+    torch.std_mean: "std_mean", torch.prod: "prod", torch.logsumexp: "logsumexp", torch.norm: "norm",
+    torch.linalg.vector_norm: "vector_norm", torch.cumsum: "cumsum", torch.cumprod: "cumprod",
+    F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    F.normalize: "normalize",
+}
+_REDUCTION_METHODS = {name for name in REDUCTIONS if name not in ("normalize", "vector_norm", "var_mean", "std_mean")}
+_REDUCTION_MODULES = {nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax"}
 SHAPE_METHODS = {"size", "dim", "numel", "__len__", "get_device", "type", "ndimension", "nelement"}
 SHAPE_FUNCTIONS = {getattr, len, torch.numel}
 
@@ -215,6 +267,10 @@ class CouplingAnalysis(fx.Interpreter):
         self.events: list[tuple[str, str, list[int]]] = []  # (node, why, atoms tied) for the coupling graph
         self.fix_events: list[tuple[str, list[int]]] = []  # (why, atoms fixed)
         self.modules = dict(gm.named_modules())
+        # A module (or parameter) used by several nodes has one weight, cut once by extraction: every use must
+        # keep the same channels. Its atoms and input channels are remembered per target and reused / tied.
+        self.atoms_of_target: dict[str, torch.Tensor] = {}
+        self.inputs_of_target: dict[str, torch.Tensor] = {}
 
     # ── plumbing ──
     def run_node(self, n: fx.Node) -> Any:
@@ -306,8 +362,8 @@ class CouplingAnalysis(fx.Interpreter):
                 return _spatial
             if isinstance(m, REARRANGE_MODULES):
                 return _rearrange
-            if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
-                return _softmax
+            if type(m) in _REDUCTION_MODULES:
+                return _reduce
             return None
         if n.op == "call_function":
             table = _FUNCTION_HANDLERS
@@ -323,11 +379,24 @@ class CouplingAnalysis(fx.Interpreter):
         """Labels of `n`'s data input and their 1-D vector along `dim`; labels varying along another dim are
         fixed first (a channel consumer cannot drop a spatial pattern)."""
         labels = _channel_only(self, n, _data_labels(self, n), dim, why)
-        return labels, channel_vector(labels, dim, self.val(n.args[0]).shape[dim])
+        vector = channel_vector(labels, dim, self.val(n.args[0]).shape[dim])
+        earlier = self.inputs_of_target.setdefault(n.target, vector) if n.op == "call_module" else vector
+        if earlier is not vector:
+            if len(earlier) != len(vector):
+                self.fix((labels, earlier), f"{_describe(n)} is called again with another channel count")
+            else:
+                self.tie(earlier, vector, n, f"{_describe(n)} is called more than once: its weights are cut once")
+            labels = self.roots(labels)
+            vector = channel_vector(labels, dim, len(vector))
+        return labels, vector
 
     def new_channels(self, n: fx.Node, count: int) -> torch.Tensor:
-        """Fresh atoms for the `count` output channels of producer `n`."""
-        atoms = self.uf.new(count, n.target)
+        """Atoms for the `count` output channels of producer `n`: fresh at a module's first call, the same ones
+        at every later call (one weight, one cut)."""
+        atoms = self.atoms_of_target.get(n.target)
+        if atoms is None or len(atoms) != count:
+            atoms = self.uf.new(count, n.target)
+            self.atoms_of_target[n.target] = atoms
         self.producers[n.name] = atoms
         return atoms
 
@@ -345,7 +414,10 @@ class CouplingAnalysis(fx.Interpreter):
         """Parameters used directly in forward (layer scales, biases) get atoms of their own."""
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.numel() > _MAX_PARAM_ATOMS:
             return fixed_like(value)
-        atoms = self.uf.new(value.numel(), f"param:{n.target}").reshape(value.shape)
+        atoms = self.atoms_of_target.get(n.target)
+        if atoms is None or atoms.shape != value.shape:
+            atoms = self.uf.new(value.numel(), f"param:{n.target}").reshape(value.shape)
+            self.atoms_of_target[n.target] = atoms
         return self.rectangular(atoms, n)
 
     def unknown(self, n: fx.Node, value: Any) -> Any:
@@ -400,18 +472,6 @@ def _spatial(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     labels = _channel_only(a, n, labels, 1, f"{_describe(n)}")
     vec = labels.reshape(labels.shape[0], labels.shape[1], -1)[:, :, :1]
     return vec.reshape([1, labels.shape[1]] + [1] * (value.dim() - 2))
-
-
-def _softmax(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
-    labels = _data_labels(a, n)
-    if n.op == "call_module":
-        dim = a.modules[n.target].dim
-    else:
-        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-    if dim is None or (dim % labels.dim()) in varying_dims(labels):
-        a.fix(labels, f"{_describe(n)} normalises across channels")
-        return a.roots(labels)
-    return labels
 
 
 # ── rearrangements: apply the very same op to the labels ──
@@ -517,20 +577,83 @@ def _elementwise(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
 
 
 def _reduce(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    """A reduction (or normalisation) along some dims; its argument per op is in `REDUCTIONS`.
+
+    Dims where the labels do not vary are reduced position-wise. Across channels, an exact op (sum, p-norm,
+    count_nonzero, cumsum, F.normalize) lets the channels through: a reducing one leaves nothing droppable in
+    its output, a shape-keeping one keeps the labels. Any other op fixes the channels with its reason."""
     labels = _data_labels(a, n)
-    if not isinstance(value, torch.Tensor) or not isinstance(labels, torch.Tensor):
+    name = _reduction_name(a, n)
+    if not isinstance(labels, torch.Tensor) or not isinstance(_first_tensor(value), torch.Tensor):
         return a.unknown(n, value)
-    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-    keepdim = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
-    dims = list(range(labels.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
-    dims = sorted(d % labels.dim() for d in dims)
-    if any(d in varying_dims(labels) for d in dims):
-        a.fix(labels, f"{_describe(n)} reduces across channels")
+    if isinstance(a.val(n.args[1]) if len(n.args) > 1 else None, torch.Tensor):
+        return _elementwise(a, n, value)  # torch.max(x, y), x.min(y): element-wise
+    rule = REDUCTIONS[name]
+    rank = labels.dim()
+    dims = _reduced_dims(a, n, rule, rank)
+    across = dims is None or any(d in varying_dims(labels) for d in dims)
+    if not across:
+        out = labels if rule.keeps_shape else _reduced_labels(labels, dims, value)
+        if out is not None:
+            return out
+        a.fix(labels, f"{_describe(n)}: its output shape does not follow from its arguments")
         return fixed_like(value)
+    if rule.exact and dims is not None and _order_ok(a, n, rule):
+        return labels if rule.keeps_shape else fixed_like(value)
+    a.fix(labels, f"{_describe(n)} reduces across channels: " + (
+        rule.why if not rule.exact else "its dims or its order are not constants the analysis can prove exact"))
+    return a.roots(labels) if rule.keeps_shape else fixed_like(value)
+
+
+def _reduction_name(a: CouplingAnalysis, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return _REDUCTION_MODULES[type(a.modules[n.target])]
+    return n.target if n.op == "call_method" else _REDUCTION_FUNCTIONS[n.target]
+
+
+def _reduced_dims(a: CouplingAnalysis, n: fx.Node, rule: Reduction, rank: int) -> list[int] | None:
+    """The dims the op reduces, non-negative; None when they cannot be read (treated as unprovable)."""
+    if n.op == "call_module":
+        dim = a.modules[n.target].dim
+    else:
+        given = [n.kwargs[k] for k in rule.dim_names if k in n.kwargs]
+        dim = given[0] if given else a.val(n.args[rule.dim_at]) if len(n.args) > rule.dim_at else rule.default_dim
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return list(range(rank))
+    if isinstance(dim, bool) or not all(isinstance(d, int) for d in (dim if isinstance(dim, (tuple, list)) else [dim])):
+        return None  # an older positional signature (std(x, unbiased)) or a non-constant dim
+    return sorted({d % rank for d in (dim if isinstance(dim, (tuple, list)) else [dim])})
+
+
+def _order_ok(a: CouplingAnalysis, n: fx.Node, rule: Reduction) -> bool:
+    """A norm's order p: |0|^p adds nothing for p >= 0 (p > 0 for F.normalize); 'fro' is p = 2."""
+    if rule.order_at is None:
+        return True
+    given = [n.kwargs[k] for k in ("p", "ord") if k in n.kwargs]
+    p = given[0] if given else a.val(n.args[rule.order_at]) if len(n.args) > rule.order_at else 2
+    if p in (None, "fro"):
+        p = 2
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and (p > 0 or (p == 0 and not rule.keeps_shape))
+
+
+def _reduced_labels(labels: torch.Tensor, dims: list[int], value: Any) -> Any:
+    """Labels of a position-wise reduction; every tensor of a tuple result (values, indices) gets them. None
+    when the output's rank fits neither keepdim nor its absence."""
     out = labels
+    first = _first_tensor(value)
+    keepdim = first.dim() == labels.dim()
     for d in reversed(dims):
         out = out.narrow(d, 0, 1) if keepdim else out.select(d, 0)
-    return out.reshape([1] * value.dim()) if out.dim() != value.dim() else out
+    if out.dim() != first.dim():
+        if out.numel() != 1:
+            return None
+        out = out.reshape([1] * first.dim())
+    return tuple(out for _ in value) if isinstance(value, (tuple, list)) else out
+
+
+def _first_tensor(value: Any) -> Any:
+    leaves = _tensor_leaves(value)
+    return leaves[0] if leaves else None
 
 
 def _no_labels(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
@@ -544,8 +667,7 @@ for _fns, _methods, _h in (
     (SPATIAL_FUNCTIONS, set(), _spatial),
     (REARRANGE_FUNCTIONS, REARRANGE_METHODS, _rearrange),
     (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, _elementwise),
-    (REDUCE_FUNCTIONS, REDUCE_METHODS, _reduce),
-    (SOFTMAX_FUNCTIONS, SOFTMAX_METHODS, _softmax),
+    (set(_REDUCTION_FUNCTIONS), _REDUCTION_METHODS, _reduce),
     (SHAPE_FUNCTIONS, SHAPE_METHODS, _no_labels),
 ):
     _FUNCTION_HANDLERS.update(dict.fromkeys(_fns, _h))
@@ -650,7 +772,7 @@ def _write_back(dg: DynGraph, analysis: CouplingAnalysis) -> None:
     dg.fixed_reasons = sorted({why for why, _ in analysis.fix_events})
 
     sets = []
-    target_order = [producer_target[p] for p in producer_names]
+    target_order = list(dict.fromkeys(producer_target[p] for p in producer_names))  # a module called twice: once
     for component in nx.connected_components(graph):
         members = [t for t in target_order if t in component]
         if not members:

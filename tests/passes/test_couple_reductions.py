@@ -1,0 +1,134 @@
+"""Reductions over channels, in every spelling: each one either has a rule whose masked semantics equal the
+extracted sub-net (and verifies at every width) or keeps its channels whole and says why.
+
+The argument per op lives in `dyncompile.passes.couple.REDUCTIONS`; these cases pin each spelling down.
+Also here: a module called twice (CBAM's shared channel-attention MLP) keeps the same channels at every call.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dyncompile.pipeline import analyse_model
+
+from tests.passes.checks import assert_verifies, sets_by_producer
+
+# (id, op on an [N, 8, H, W] feature map, which word the reason names, or None where the op has an exact rule)
+CASES = [
+    ("sum-keepdim", lambda y: torch.sum(y, dim=1, keepdim=True), None),
+    ("sum-negative-dim", lambda y: y.sum(-3).unsqueeze(1), None),
+    ("sum-dim-tuple", lambda y: torch.sum(y, (1,), True), None),
+    ("nansum", lambda y: torch.nansum(y, dim=1, keepdim=True), None),
+    ("norm", lambda y: torch.norm(y, dim=1, keepdim=True), None),
+    ("norm-method-p1", lambda y: y.norm(1, 1, True), None),
+    ("vector-norm", lambda y: torch.linalg.vector_norm(y, ord=3, dim=1, keepdim=True), None),
+    ("vector-norm-inf", lambda y: torch.linalg.vector_norm(y, ord=float("inf"), dim=-3, keepdim=True), None),
+    ("normalize", lambda y: F.normalize(y, dim=1), None),
+    ("normalize-default-dim", lambda y: F.normalize(y), None),
+    ("cumsum", lambda y: torch.cumsum(y, dim=1), None),
+    ("cumsum-method", lambda y: y.cumsum(-3), None),
+    ("spatial-amax", lambda y: torch.amax(y, dim=(2, 3), keepdim=True), None),
+    ("spatial-softmax", lambda y: F.softmax(y, dim=-1), None),
+    ("spatial-max-values", lambda y: torch.max(y, dim=3, keepdim=True)[0], None),
+    ("max-of-two", lambda y: torch.max(y, y * 2), None),
+    ("mean", lambda y: torch.mean(y, dim=1, keepdim=True), "mean"),
+    ("mean-method", lambda y: y.mean(1, True), "mean"),
+    ("mean-negative-dim", lambda y: torch.mean(y, dim=-3).unsqueeze(1), "mean"),
+    ("mean-all", lambda y: y * y.mean(), "mean"),
+    ("max-values", lambda y: torch.max(y, dim=1)[0].unsqueeze(1), "max"),
+    ("max-positional", lambda y: torch.max(y, 1, keepdim=True).values, "max"),
+    ("max-method", lambda y: y.max(dim=1, keepdim=True)[0], "max"),
+    ("min-method", lambda y: y.min(1)[0].unsqueeze(1), "max/min"),
+    ("amax", lambda y: torch.amax(y, dim=(1,), keepdim=True), "max"),
+    ("amin-method", lambda y: y.amin(1, keepdim=True), "max"),
+    ("var", lambda y: torch.var(y, dim=1, keepdim=True), "var"),
+    ("std-method", lambda y: y.std(1, keepdim=True), "var/std"),
+    ("logsumexp", lambda y: torch.logsumexp(y, dim=1, keepdim=True), "logsumexp"),
+    ("prod", lambda y: torch.prod(y, 1, keepdim=True), "product"),
+    ("cumprod", lambda y: torch.cumprod(y, dim=1), "product"),
+    ("softmax", lambda y: F.softmax(y, dim=1), "softmax"),
+    ("log-softmax-module", nn.LogSoftmax(dim=-3), "softmax"),
+    ("negative-order-norm", lambda y: torch.linalg.vector_norm(y, ord=-1, dim=1, keepdim=True), "order"),
+    ("zero-order-normalize", lambda y: F.normalize(y, p=0, dim=1), "order"),
+]
+
+
+class ReduceThenConv(nn.Module):
+    """conv → op → 1x1 conv → pooled linear: the op decides whether the first conv's channels can be slimmed."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.op = op
+        out = op(torch.zeros(1, 8, 4, 4)).shape[1]
+        self.head = nn.Conv2d(out, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.head(self.op(F.relu(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("op, reason", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_channel_reduction_is_exact_or_fixed_with_its_reason(op, reason):
+    torch.manual_seed(0)
+    dg = analyse_model(ReduceThenConv(op).eval(), (1, 3, 8, 8), groups=4)
+    conv = sets_by_producer(dg)["conv"]
+    if reason is None:
+        assert conv.free and len(conv.classes) == 8, conv.fixed_reasons
+    else:
+        assert not conv.free
+        assert any("across channels" in why and reason in why for why in conv.fixed_reasons), conv.fixed_reasons
+    assert_verifies(dg)
+
+
+class MeanGateIfRuled(nn.Module):
+    """Why a mean over channels cannot be let through: with it slimmed, masked and extracted differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.fc((y * torch.sigmoid(torch.mean(y, dim=1, keepdim=True))).mean((2, 3)))
+
+
+def test_a_mean_over_channels_would_mis_extract_if_let_through(monkeypatch):
+    """The test above can fail: marking mean exact makes verify catch a wrong sub-net."""
+    from dyncompile.passes import couple
+
+    from dyncompile.verify import verify
+
+    monkeypatch.setitem(couple.REDUCTIONS, "mean", couple.REDUCTIONS["mean"]._replace(exact=True))
+    dg = analyse_model(MeanGateIfRuled().eval(), (1, 3, 8, 8), groups=4)
+    assert sets_by_producer(dg)["conv"].free
+    assert not all(r.ok for r in verify(dg, [0.5]))
+
+
+class SharedMLP(nn.Module):
+    """CBAM's channel attention: one MLP applied to the average- and the max-pooled map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        avg = self.fc2(F.relu(self.bn(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        mx = self.fc2(F.relu(self.bn(self.fc1(F.adaptive_max_pool2d(y, 1)))))
+        return self.fc((y * torch.sigmoid(avg + mx)).mean((2, 3)))
+
+
+def test_a_module_called_twice_keeps_the_same_channels_at_every_call():
+    torch.manual_seed(0)
+    dg = analyse_model(SharedMLP().eval(), (1, 3, 8, 8), groups=4)
+    hidden = sets_by_producer(dg)["fc1"]
+    assert hidden.free and hidden.producers == ["fc1"]
+    assert len(hidden.classes) == 4 and hidden.fixed_channels == 0, "one class per channel, not one per call"
+    assert_verifies(dg)
