@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections import defaultdict
 from collections.abc import Callable
@@ -37,11 +38,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
 from dyncompile.layer_rules import has_torch_forward, layer_rule_for, producer_rule_for
 
-__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
+__all__ = ["couple", "analyse", "positional_data", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
            "producer_channel_classes", "producer_channel_groups"]
 
 GROUPED_CONV_MODES = ("auto", "group", "position")
@@ -177,12 +179,12 @@ REARRANGE_FUNCTIONS = {
     torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split,
     torch.chunk, torch.tensor_split, torch.unbind, torch.narrow, torch.index_select, torch.flip, torch.roll,
     torch.t, F.pad, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
-    torch.pixel_shuffle, torch.pixel_unshuffle, torch.unflatten, operator.getitem,
+    torch.pixel_shuffle, torch.pixel_unshuffle, torch.unflatten, operator.getitem, torch.repeat_interleave,
 }
 REARRANGE_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "movedim", "squeeze",
     "unsqueeze", "expand", "expand_as", "repeat", "split", "chunk", "unbind", "narrow", "index_select",
-    "flip", "roll", "t", "view_as", "reshape_as", "tensor_split",
+    "flip", "roll", "t", "view_as", "reshape_as", "tensor_split", "repeat_interleave",
 }
 ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -344,7 +346,7 @@ class CouplingAnalysis(fx.Interpreter):
             self.fix(self.lab(n.args[0]), f"network output ({_describe(n.args[0])})")
             return None
         handler = self.handler_for(n)
-        if handler is None:
+        if handler is None or (n.op != "call_method" and not n.args):  # data by a keyword positional_data missed
             return self.unknown(n, value)
         return handler(self, n, value)
 
@@ -484,7 +486,7 @@ def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
         return None  # indexing a size tuple, etc.
     labels0 = a.lab(n.args[0])
     full0 = _expand_labels(labels0, a.val(n.args[0]))
-    if full0 is None:
+    if full0 is None or _per_element_counts(a, n):
         return a.unknown(n, value)
     _tie_for_fixed_factor_ops(a, n, full0)
     args = (full0,) + tuple(a.val(x) for x in n.args[1:])
@@ -508,6 +510,14 @@ def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     if isinstance(result, torch.Tensor):
         return a.rectangular(result.to(torch.int64), n)
     return tuple(a.rectangular(r.to(torch.int64), n) for r in result)
+
+
+def _per_element_counts(a: CouplingAnalysis, n: fx.Node) -> bool:
+    """repeat_interleave with a tensor of counts: one count per channel, which extraction would not cut."""
+    if n.target not in ("repeat_interleave", torch.repeat_interleave):
+        return False
+    repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
+    return isinstance(a.val(repeats), torch.Tensor)
 
 
 _CHANNEL_SHUFFLES = (F.channel_shuffle, torch.channel_shuffle)
@@ -675,8 +685,42 @@ for _fns, _methods, _h in (
 
 
 # ───────────────────────────── pass entry points ─────────────────────────────
+def positional_data(gm: fx.GraphModule) -> fx.GraphModule:
+    """In place: a call whose data is passed by keyword (`F.avg_pool2d(input=x, …)`, `self.pool(input=x)`,
+    `torch.cat(tensors=…)`) gets it as its first positional argument, the same call. Every handler here and
+    `extract` read a node's data as `args[0]`; fx keeps builtins' keywords as the user wrote them."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_module") or n.args or not n.kwargs:
+            continue
+        names = _first_parameter_names(gm.get_submodule(n.target).forward if n.op == "call_module" else n.target)
+        given = [k for k in n.kwargs if k in names]
+        if len(given) == 1:
+            kwargs = dict(n.kwargs)
+            n.args = (kwargs.pop(given[0]),)
+            n.kwargs = kwargs
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _first_parameter_names(fn: Callable) -> set[str]:
+    """The name(s) of `fn`'s first parameter, over all overloads of a torch builtin."""
+    names = set()
+    try:
+        names.add(next(iter(inspect.signature(fn).parameters)))
+    except (ValueError, TypeError, StopIteration):
+        pass
+    for signature in get_signature_for_torch_op(fn) or []:
+        names.update(list(signature.parameters)[:1])
+    return names
+
+
 def analyse(gm: fx.GraphModule, input_shape: tuple[int, ...], grouped_conv_mode: str = "group") -> CouplingAnalysis:
-    """Run the label propagation once (no DynGraph changes): the raw analysis, for tests and debugging."""
+    """Run the label propagation once (no DynGraph changes but `positional_data`): the raw analysis, for tests
+    and debugging."""
+    positional_data(gm)
     analysis = CouplingAnalysis(gm, grouped_conv_mode)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

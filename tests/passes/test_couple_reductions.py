@@ -132,3 +132,51 @@ def test_a_module_called_twice_keeps_the_same_channels_at_every_call():
     assert hidden.free and hidden.producers == ["fc1"]
     assert len(hidden.classes) == 4 and hidden.fixed_channels == 0, "one class per channel, not one per call"
     assert_verifies(dg)
+
+
+class KeywordData(nn.Module):
+    """Data passed by keyword to builtins and modules: fx keeps the keyword, the analysis used to raise IndexError."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(input=x) if self.spelling == "module" else self.conv(x)
+        if self.spelling == "builtin":
+            y = F.interpolate(F.avg_pool2d(input=torch.relu(input=y), kernel_size=2), scale_factor=2.0)
+        elif self.spelling == "module":
+            y = self.bn(input=self.pool(input=y))
+        else:  # nearest upsampling written as repeat_interleave
+            y = F.avg_pool2d(y, 2).repeat_interleave(2, dim=2).repeat_interleave(2, dim=-1)
+        return self.fc(self.head(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", ["builtin", "module", "repeat_interleave"])
+def test_data_passed_by_keyword_is_analysed_like_positional_data(spelling):
+    torch.manual_seed(0)
+    dg = analyse_model(KeywordData(spelling).eval(), (1, 3, 8, 8), groups=4)
+    assert sets_by_producer(dg)["conv"].free
+    assert_verifies(dg)
+
+
+class PerChannelRepeats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("repeats", torch.tensor([1, 2, 1, 2]))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).repeat_interleave(self.repeats, dim=1).mean((2, 3)))
+
+
+def test_repeat_interleave_with_per_channel_counts_is_fixed():
+    dg = analyse_model(PerChannelRepeats().eval(), (1, 3, 4, 4), groups=2)
+    assert not sets_by_producer(dg)["conv"].free
+    assert_verifies(dg)
