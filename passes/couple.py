@@ -527,9 +527,17 @@ _PIXEL_SHUFFLES = (F.pixel_shuffle, torch.pixel_shuffle)
 def _tie_for_fixed_factor_ops(a: CouplingAnalysis, n: fx.Node, labels: torch.Tensor) -> None:
     """Ops whose factor is an argument (not derived from the tensor) stay correct on fewer channels only if
     the kept channels keep that structure: channel_shuffle(g) needs the same positions in every group,
-    pixel_shuffle(r) needs whole blocks of r² channels."""
+    pixel_shuffle(r) needs whole blocks of r² channels. roll(shift) is never correct on fewer channels along a
+    dim where they vary: the shorter cycle wraps at another place, so those channels are fixed."""
     module = a.modules.get(n.target) if n.op == "call_module" else None
     target = n.target
+    if target in ("roll", torch.roll):
+        dims = a.val(n.kwargs.get("dims", n.args[2] if len(n.args) > 2 else None))
+        dims = None if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        varying = varying_dims(a.roots(labels))
+        if dims is None or any(d % labels.dim() in varying for d in dims):
+            a.fix(labels, f"{_describe(n)} rolls channels by a constant: fewer channels wrap at another place")
+        return
     if isinstance(module, nn.ChannelShuffle) or target in _CHANNEL_SHUFFLES:
         g = module.groups if module is not None else a.val(n.args[1] if len(n.args) > 1 else n.kwargs["groups"])
         per = labels.reshape(labels.shape[0], g, labels.shape[1] // g, -1)

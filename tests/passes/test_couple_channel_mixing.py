@@ -1,8 +1,9 @@
-"""Reductions over channels, in every spelling: each one either has a rule whose masked semantics equal the
-extracted sub-net (and verifies at every width) or keeps its channels whole and says why.
+"""Ops that mix channels (issue 15). Reductions over channels, in every spelling: each one either has a rule
+whose masked semantics equal the extracted sub-net (and verifies at every width) or keeps its channels whole
+and says why; the argument per op lives in `dyncompile.passes.couple.REDUCTIONS`.
 
-The argument per op lives in `dyncompile.passes.couple.REDUCTIONS`; these cases pin each spelling down.
-Also here: a module called twice (CBAM's shared channel-attention MLP) keeps the same channels at every call.
+Also here: a module called twice (CBAM's shared channel-attention MLP) keeps the same channels at every call;
+data passed by keyword is analysed like positional data; roll along channels is fixed.
 """
 
 import pytest
@@ -179,4 +180,28 @@ class PerChannelRepeats(nn.Module):
 def test_repeat_interleave_with_per_channel_counts_is_fixed():
     dg = analyse_model(PerChannelRepeats().eval(), (1, 3, 4, 4), groups=2)
     assert not sets_by_producer(dg)["conv"].free
+    assert_verifies(dg)
+
+
+class RollChannels(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.roll(self.conv(x), 3, self.dims)).mean((2, 3))
+
+
+@pytest.mark.parametrize("dims, free", [(1, False), (-3, False), (None, False), (2, True)])
+def test_roll_along_channels_is_fixed_and_along_space_is_not(dims, free):
+    """A sub-net would roll its fewer channels by the same shift: they wrap at another place (verify caught it
+    at width 0.5 before)."""
+    torch.manual_seed(0)
+    dg = analyse_model(RollChannels(dims).eval(), (1, 3, 4, 4), groups=8)
+    conv = sets_by_producer(dg)["conv"]
+    assert conv.free == free
+    if not free:
+        assert any("rolls channels" in why for why in conv.fixed_reasons)
     assert_verifies(dg)
