@@ -24,13 +24,14 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["ARGS", "FIXED", "LABELS", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config", "keep_mask",
+__all__ = ["ARGS", "FIXED", "LABELS", "REDUCED", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config", "keep_mask",
            "reorder_groups"]
 
 FIXED = 0
 LABELS = "dyncompile_labels"
 SHAPE = "dyncompile_shape"
 ARGS = "dyncompile_args"  # concrete (args, kwargs) of rearranging ops, seen while tracing
+REDUCED = "dyncompile_reduced"  # (kind, dims) of a mean/max/min over channels that extract writes out (couple._reduce)
 
 
 @dataclass

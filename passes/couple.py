@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
-from dyncompile.ir import ARGS, FIXED, LABELS, SHAPE, ChannelSet, DynGraph
+from dyncompile.ir import ARGS, FIXED, LABELS, REDUCED, SHAPE, ChannelSet, DynGraph
 from dyncompile.layer_rules import has_torch_forward, layer_rule_for, producer_rule_for
 
 __all__ = ["couple", "analyse", "positional_data", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
@@ -213,19 +213,26 @@ class Reduction(NamedTuple):
     keeps_shape: bool = False  # output has the input's shape (cumsum, normalize, softmax): labels pass through
     order_at: int | None = None  # position of a norm's order p (exact only for p >= 0)
     dim_names: tuple[str, ...] = ("dim", "axis")
+    rewrite: str | None = None  # not exact, but `extract` writes the masked semantics out (mean, max, min)
 
 
 _SUM = Reduction(1, None, True, "a sum over channels: a masked channel adds 0, the sub-net adds nothing")
-_MEAN = Reduction(1, None, False, "a mean over channels divides by the full count; a sub-net would divide by fewer")
-_MAX = Reduction(1, None, False, "a max/min over channels: a masked channel's 0 can win, a sub-net has no such 0")
+_MEAN = Reduction(1, None, False, "a mean over channels counts masked zeros: the sub-net divides its sum by the "
+                  "full count", rewrite="mean")
+_MAX = Reduction(1, None, False, "a max over channels: a masked 0 can win, so the sub-net clamps its max at 0 once "
+                 "a channel is dropped", rewrite="max")
+_MIN = Reduction(1, None, False, "a min over channels: a masked 0 can win, so the sub-net clamps its min at 0 once "
+                 "a channel is dropped", rewrite="min")
+_ARG = Reduction(1, None, False, "an arg-max/min over channels: a channel's index moves in a sub-net")
 _VAR = Reduction(1, None, False, "var/std over channels: masked zeros move the mean and the count")
 _NORM = Reduction(2, None, True, "a p-norm (p >= 0) over channels: |0|^p adds nothing", order_at=1)
 # One entry per spelling: the torch function and the Tensor method of the same name share it.
 REDUCTIONS: dict[Any, Reduction] = {
     "sum": _SUM, "nansum": _SUM,
     "count_nonzero": Reduction(1, None, True, "counting non-zeros over channels: a masked 0 is not counted"),
-    "mean": _MEAN, "nanmean": _MEAN,
-    "amax": _MAX, "amin": _MAX, "max": _MAX, "min": _MAX, "argmax": _MAX, "argmin": _MAX,
+    "mean": _MEAN, "nanmean": Reduction(1, None, False, "a nanmean over channels counts masked zeros, a sub-net "
+                                        "cannot tell how many were NaN"),
+    "amax": _MAX, "max": _MAX, "amin": _MIN, "min": _MIN, "argmax": _ARG, "argmin": _ARG,
     "var": _VAR, "std": _VAR, "var_mean": _VAR, "std_mean": _VAR,
     "prod": Reduction(1, None, False, "a product over channels: a masked 0 zeroes it"),
     "logsumexp": Reduction(1, None, False, "logsumexp over channels: each masked 0 adds exp(0) = 1"),
@@ -599,7 +606,10 @@ def _reduce(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
 
     Dims where the labels do not vary are reduced position-wise. Across channels, an exact op (sum, p-norm,
     count_nonzero, cumsum, F.normalize) lets the channels through: a reducing one leaves nothing droppable in
-    its output, a shape-keeping one keeps the labels. Any other op fixes the channels with its reason."""
+    its output, a shape-keeping one keeps the labels. A mean, max or min is let through with `node.meta[REDUCED]`
+    set: `extract` writes the masked semantics out (the sum over the kept channels divided by the full count;
+    the max or min clamped at 0 once a channel is dropped, as the masked zeros would). Any other op fixes the
+    channels with its reason."""
     labels = _data_labels(a, n)
     name = _reduction_name(a, n)
     if not isinstance(labels, torch.Tensor) or not isinstance(_first_tensor(value), torch.Tensor):
@@ -618,9 +628,27 @@ def _reduce(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
         return fixed_like(value)
     if rule.exact and dims is not None and _order_ok(a, n, rule):
         return labels if rule.keeps_shape else fixed_like(value)
-    a.fix(labels, f"{_describe(n)} reduces across channels: " + (
-        rule.why if not rule.exact else "its dims or its order are not constants the analysis can prove exact"))
+    unsure = "its dims or its order are not constants the analysis can prove exact"
+    if rule.rewrite is not None and dims is not None:
+        unsure = _rewrite_obstacle(n, rule, dims, value)
+        if unsure is None:
+            n.meta[REDUCED] = (rule.rewrite, tuple(dims))
+            return fixed_like(value)
+    a.fix(labels, f"{_describe(n)} reduces across channels: " + (rule.why if rule.rewrite is None and not rule.exact
+                                                                 else unsure))
     return a.roots(labels) if rule.keeps_shape else fixed_like(value)
+
+
+def _rewrite_obstacle(n: fx.Node, rule: Reduction, dims: list[int], value: Any) -> str | None:
+    """Why `extract` cannot write out the masked semantics of this mean/max/min, or None when it can: the
+    count of a mean must not include the batch; of a (values, indices) pair only the values may be used."""
+    if rule.rewrite == "mean" and 0 in dims:
+        return "a mean over the batch dim too (its count changes with the batch)"
+    if isinstance(value, (tuple, list)) and not all(
+            u.op == "call_function" and (u.target is operator.getitem and u.args[1] == 0
+                                         or u.target is getattr and u.args[1] == "values") for u in n.users):
+        return f"the indices of the {rule.rewrite} over channels are used, and they move in a sub-net"
+    return None
 
 
 def _reduction_name(a: CouplingAnalysis, n: fx.Node) -> str:

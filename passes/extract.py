@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from dyncompile.errors import ExtractionError
-from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
+from dyncompile.ir import ARGS, LABELS, REDUCED, SHAPE, DynGraph, SubnetConfig, keep_mask
 from dyncompile.layer_rules import layer_rule_for, producer_rule_for
 
 __all__ = ["extract_subnet", "extract_with_indices", "index_probe", "slice_indices", "ExtractionError"]
@@ -132,6 +132,11 @@ class _Extractor:
         target = node.target
         method = node.op == "call_method"
         data_kept = self.input_kept(node) if node.args else None
+        if REDUCED in node.meta and data_kept is not None:
+            return self.emit_channel_reduction(node, *node.meta[REDUCED])
+        if target in (operator.getitem, getattr) and REDUCED in getattr(node.args[0], "meta", {}) \
+                and self.input_kept(node.args[0]) is not None:
+            return self.env[node.args[0]]  # the values of a (values, indices) pair: emitted as the values alone
         if ARGS not in node.meta or (data_kept is None and not _any_kept(self.kept[node])):
             return self.copy_node(node)
         args, kwargs = node.meta[ARGS]
@@ -149,6 +154,24 @@ class _Extractor:
             index = args[1] if len(args) > 1 else kwargs["index"]
             return self.emit_index(node, data_kept, dim, index)
         return self.copy_node(node)
+
+    def emit_channel_reduction(self, node: fx.Node, kind: str, dims: tuple[int, ...]) -> fx.Node:
+        """A mean/max/min over channels some of which are dropped, written as the masked model computes it: a
+        dropped channel is a 0 there. Mean: the sub-net's sum over the full count. Max/min: the sub-net's
+        amax/amin clamped at 0 (from below/above). A (values, indices) result becomes its values alone (couple
+        made sure only they are used)."""
+        in_shape = node.args[0].meta[SHAPE]
+        out_shape = node.meta[SHAPE]
+        out_shape = out_shape[0] if out_shape and isinstance(out_shape[0], tuple) else out_shape  # (values, indices)
+        options = {"dim": dims, "keepdim": len(out_shape) == len(in_shape)}
+        data = self.env[node.args[0]]
+        if kind == "mean":
+            total = self.graph.call_function(torch.sum, (data,), options)
+            count = math.prod(in_shape[d] for d in dims)
+            return self.graph.create_node("call_function", operator.truediv, (total, count), {}, name=node.name)
+        extreme = self.graph.call_function(torch.amax if kind == "max" else torch.amin, (data,), options)
+        return self.graph.create_node("call_function", torch.clamp, (extreme,),
+                                      {"min" if kind == "max" else "max": 0.0}, name=node.name)
 
     def emit_resize(self, node: fx.Node) -> fx.Node:
         """view/reshape/expand: every non-batch size becomes the constant the sub-net needs.

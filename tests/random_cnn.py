@@ -353,6 +353,7 @@ class ChannelReduce(Block):
         super().__init__()
         self.srcs = (p["src"],)
         self.ops, self.dim, self.keepdim, self.style, self.use = p["ops"], p["dim"], p["keepdim"], p["style"], p["use"]
+        self.offset = p["offset"]
         self.conv = nn.Conv2d(len(self.ops), 1 if self.use == "gate" else p["out"], 3, padding=1)
 
     def reduce(self, x, op):
@@ -367,6 +368,7 @@ class ChannelReduce(Block):
         return r if keep else r.unsqueeze(1)
 
     def forward(self, x):
+        x = x - self.offset  # values below 0 (after a ReLU too): a masked channel's 0 can win a max
         r = torch.cat([self.reduce(x, op) for op in self.ops], 1) if len(self.ops) > 1 else self.reduce(x, self.ops[0])
         y = self.conv(r)
         return x * torch.sigmoid(y) if self.use == "gate" else y
@@ -634,7 +636,7 @@ def _channel_reduce(draw, c: int) -> dict:
     dims = [1, -3] if "max" in ops else [1, -3, (1,)]
     return {"ops": ops, "dim": draw(st.sampled_from(dims)), "keepdim": draw(st.booleans()),
             "style": draw(st.sampled_from(["function", "method"])), "use": draw(st.sampled_from(["gate", "conv"])),
-            "out": draw(st.integers(4, 16))}
+            "out": draw(st.integers(4, 16)), "offset": draw(st.sampled_from([0.0, 1.0]))}
 
 
 @st.composite
