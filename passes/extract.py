@@ -157,19 +157,20 @@ class _Extractor:
 
     def emit_channel_reduction(self, node: fx.Node, kind: str, dims: tuple[int, ...]) -> fx.Node:
         """A mean/max/min over channels some of which are dropped, written as the masked model computes it: a
-        dropped channel is a 0 there. Mean: the sub-net's sum over the full count. Max/min: the sub-net's
-        amax/amin clamped at 0 (from below/above). A (values, indices) result becomes its values alone (couple
-        made sure only they are used)."""
+        dropped channel is a 0 there. Mean: the sub-net's sum over the full count. Max/min: the user's own call
+        on the kept channels (so a sub-net uses the ops the full model does), clamped at 0 from below/above; a
+        (values, indices) result becomes its values alone (couple made sure only they are used)."""
         in_shape = node.args[0].meta[SHAPE]
         out_shape = node.meta[SHAPE]
-        out_shape = out_shape[0] if out_shape and isinstance(out_shape[0], tuple) else out_shape  # (values, indices)
-        options = {"dim": dims, "keepdim": len(out_shape) == len(in_shape)}
-        data = self.env[node.args[0]]
+        pair = bool(out_shape) and isinstance(out_shape[0], tuple)  # (values, indices)
         if kind == "mean":
-            total = self.graph.call_function(torch.sum, (data,), options)
+            keepdim = len(out_shape) == len(in_shape)
+            total = self.graph.call_function(torch.sum, (self.env[node.args[0]],), {"dim": dims, "keepdim": keepdim})
             count = math.prod(in_shape[d] for d in dims)
             return self.graph.create_node("call_function", operator.truediv, (total, count), {}, name=node.name)
-        extreme = self.graph.call_function(torch.amax if kind == "max" else torch.amin, (data,), options)
+        extreme = self.graph.create_node(node.op, node.target, self.arg(node.args), self.arg(node.kwargs))
+        if pair:
+            extreme = self.graph.call_function(operator.getitem, (extreme, 0))
         return self.graph.create_node("call_function", torch.clamp, (extreme,),
                                       {"min" if kind == "max" else "max": 0.0}, name=node.name)
 
