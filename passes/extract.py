@@ -95,8 +95,13 @@ class _Extractor:
         if node.op == "get_attr":
             return self.emit_constant(node)
         if node.op == "call_module":
-            self.root[node.target] = self.slice_module(node)
-            return self.copy_node(node)
+            self.root[node.target], gather = self.slice_module(node)
+            if gather is None:
+                return self.copy_node(node)
+            dim, index = gather
+            data = self.graph.call_function(torch.index_select, (self.env[node.args[0]], dim, self.const_buffer(index)))
+            return self.graph.create_node("call_module", node.target, (data, *self.arg(node.args[1:])),
+                                          self.arg(node.kwargs), name=node.name)
         if node.op in ("call_function", "call_method"):
             return self.emit_call(node)
         return self.copy_node(node)
@@ -115,18 +120,23 @@ class _Extractor:
         src = node.args[0]
         return self.kept.get(src) if isinstance(src, fx.Node) else None
 
-    def slice_module(self, node: fx.Node) -> nn.Module:
+    def slice_module(self, node: fx.Node) -> tuple[nn.Module, tuple[int, torch.Tensor] | None]:
+        """The module cut to the sub-net, and (dim, positions) of its input to gather first, if it reads fewer
+        channels than the sub-net keeps there (a grouped conv dropping groups whose inputs stay)."""
         m = self.modules[node.target]
         rule = layer_rule_for(m)
         if rule is None:
             if any(node.target in s.producers for s in self.dg.free_sets):  # slimmed by a rule since unregistered
                 producer_rule_for(m, node.target)
-            return copy.deepcopy(m)  # channel-agnostic (activation, pooling…) or opaque (its channels are fixed)
+            return copy.deepcopy(m), None  # channel-agnostic (activation, pooling…) or opaque (channels fixed)
         out_shape = node.meta[SHAPE]
         in_shape = node.args[0].meta[SHAPE]
         dim = rule.channel_dim % len(out_shape)
-        return rule.extract(m, _indices(self.input_kept(node), dim, in_shape[dim]),
-                            _indices(self.kept[node], dim, out_shape[dim]))
+        in_idx = _indices(self.input_kept(node), dim, in_shape[dim])
+        out_idx = _indices(self.kept[node], dim, out_shape[dim])
+        read = rule.inputs_read(m, in_idx, out_idx)
+        gather = None if len(read) == len(in_idx) else (dim, torch.isin(in_idx, read).nonzero().flatten())
+        return rule.extract(m, read, out_idx), gather
 
     def emit_call(self, node: fx.Node) -> fx.Node:
         target = node.target
