@@ -43,8 +43,8 @@ from torch.fx.operator_schemas import get_signature_for_torch_op
 from dyncompile.ir import ARGS, FIXED, LABELS, REDUCED, SHAPE, ChannelSet, DynGraph
 from dyncompile.layer_rules import has_torch_forward, layer_rule_for, producer_rule_for
 
-__all__ = ["couple", "analyse", "positional_data", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
-           "producer_channel_classes", "producer_channel_groups"]
+__all__ = ["couple", "analyse", "positional_data", "CouplingAnalysis", "GROUPED_CONV_MODES", "REDUCTIONS",
+           "has_torch_forward", "channel_vector", "producer_channel_classes", "producer_channel_groups"]
 
 GROUPED_CONV_MODES = ("auto", "group", "position")
 _MAX_PARAM_ATOMS = 1 << 16  # larger constant tensors (embeddings…) are simply fixed
@@ -757,6 +757,8 @@ def analyse(gm: fx.GraphModule, input_shape: tuple[int, ...], grouped_conv_mode:
     """Run the label propagation once (no DynGraph changes but `positional_data`): the raw analysis, for tests
     and debugging."""
     positional_data(gm)
+    for node in gm.graph.nodes:
+        node.meta.pop(REDUCED, None)  # an earlier run's (couple tries two grouped-conv modes)
     analysis = CouplingAnalysis(gm, grouped_conv_mode)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

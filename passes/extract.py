@@ -142,10 +142,10 @@ class _Extractor:
         target = node.target
         method = node.op == "call_method"
         data_kept = self.input_kept(node) if node.args else None
-        if REDUCED in node.meta and data_kept is not None:
+        if _rewritten_reduction(node, data_kept):
             return self.emit_channel_reduction(node, *node.meta[REDUCED])
-        if target in (operator.getitem, getattr) and REDUCED in getattr(node.args[0], "meta", {}) \
-                and self.input_kept(node.args[0]) is not None:
+        if target in (operator.getitem, getattr) and isinstance(node.args[0], fx.Node) \
+                and _rewritten_reduction(node.args[0], self.input_kept(node.args[0])):
             return self.env[node.args[0]]  # the values of a (values, indices) pair: emitted as the values alone
         if ARGS not in node.meta or (data_kept is None and not _any_kept(self.kept[node])):
             return self.copy_node(node)
@@ -263,6 +263,11 @@ def _remap(position: Any, in_idx: torch.Tensor, size: int) -> tuple[Any, torch.T
     old = torch.arange(size)[position] if isinstance(position, slice) else torch.as_tensor(position)
     new = new_of_old[old]
     return None, new[new >= 0].clone()
+
+
+def _rewritten_reduction(node: fx.Node, data_kept: Kept) -> bool:
+    """A mean/max/min over channels (couple's REDUCED) of which this sub-net drops some."""
+    return REDUCED in node.meta and data_kept is not None and data_kept[0] in node.meta[REDUCED][1]
 
 
 def _any_kept(kept: Any) -> bool:
