@@ -25,14 +25,15 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["ARGS", "FIXED", "LABELS", "OPAQUE", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig", "uniform_config",
-           "keep_mask", "reorder_groups", "output_tensors"]
+__all__ = ["ARGS", "FIXED", "LABELS", "OPAQUE", "REDUCED", "SHAPE", "ChannelSet", "DynGraph", "SubnetConfig",
+           "uniform_config", "keep_mask", "reorder_groups", "output_tensors"]
 
 FIXED = 0
 LABELS = "dyncompile_labels"
 SHAPE = "dyncompile_shape"
 ARGS = "dyncompile_args"  # concrete (args, kwargs) of rearranging ops, seen while tracing
 OPAQUE = "dyncompile_opaque"  # why a functional layer call was not lifted into a layer (passes/functional.py)
+REDUCED = "dyncompile_reduced"  # (kind, dims) of a mean/max/min over channels that extract writes out (couple._reduce)
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ChannelSet:
     producers: list[str]
     channels: int  # output channels of the first producer
     classes: list[int]
-    fixed_channels: int = 0  # producer channels tied to FIXED (always kept)
+    fixed_channels: int = 0  # the first producer's channels tied to FIXED (always kept)
     fixed_reasons: list[str] = field(default_factory=list)
     groups: list[list[int]] = field(default_factory=list)
     group_channels: list[int] = field(default_factory=list)  # channels of the first producer per group

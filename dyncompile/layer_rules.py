@@ -97,6 +97,11 @@ class LayerRule:
         """The weight the layer computes with (the search ranks output channels by its filters)."""
         return module.weight
 
+    def inputs_read(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
+        """Of the kept input channels `in_idx`, those the cut layer still reads (all, but for a grouped conv
+        that drops groups whose inputs are kept: extract gathers the others away before the layer)."""
+        return in_idx
+
 
 class ProducerRule(LayerRule):
     """Every output channel is new (linear, conv): each gets a fresh channel atom; the input is consumed whole
@@ -155,8 +160,15 @@ class ConvRule(ProducerRule):
             return
         in_pg, out_pg = len(inputs) // g, len(outputs) // g
         if in_pg == 1 or a.grouped_conv_mode == "group":
+            # Inputs already kept whole need no tie: a dropped group's fixed inputs are gathered away by extract
+            # (`inputs_read`), and a kept group has them anyway. (Fixed stays fixed: the tie is never owed later.)
+            # Not for a depthwise conv: dropping one of its outputs saves only that output's k² MACs a pixel, and
+            # its outputs are not always channels (DiCENet's height-wise conv has one per row of a transposed map;
+            # free rows would meet free channels in one tensor and tie everything into one class).
+            free = a.uf.roots(inputs) != 0 if in_pg > 1 else torch.ones(len(inputs), dtype=torch.bool)
             for k in range(g):
-                a.tie_all(torch.cat([inputs[k * in_pg:(k + 1) * in_pg], outputs[k * out_pg:(k + 1) * out_pg]]), node,
+                group_inputs = inputs[k * in_pg:(k + 1) * in_pg][free[k * in_pg:(k + 1) * in_pg]]
+                a.tie_all(torch.cat([group_inputs, outputs[k * out_pg:(k + 1) * out_pg]]), node,
                           f"conv-group {k} of grouped {self.kind} '{node.target}' (in and out move together)")
         else:
             where = f"grouped {self.kind} '{node.target}'"
@@ -164,6 +176,12 @@ class ConvRule(ProducerRule):
                 a.tie_all(inputs[j::in_pg], node, f"{where}: input position {j} in every group")
             for j in range(out_pg):
                 a.tie_all(outputs[j::out_pg], node, f"{where}: output position {j} in every group")
+
+    def inputs_read(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
+        if module.groups == 1:
+            return in_idx
+        kept_groups = (out_idx // (module.out_channels // module.groups)).unique()
+        return in_idx[torch.isin(in_idx // (module.in_channels // module.groups), kept_groups)]
 
     def cut_plan(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor
                  ) -> tuple[list[torch.Tensor], int]:
@@ -215,6 +233,9 @@ class WeightExpressionRule(ProducerRule):
     def tie(self, a: CouplingAnalysis, node: fx.Node, module: nn.Module, inputs: torch.Tensor,
             outputs: torch.Tensor) -> None:
         self.base.tie(a, node, module, inputs, outputs)
+
+    def inputs_read(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
+        return self.base.inputs_read(module, in_idx, out_idx)
 
     def extract(self, module: nn.Module, in_idx: torch.Tensor, out_idx: torch.Tensor) -> nn.Module:
         new = self.base.extract(module, in_idx, out_idx)

@@ -26,10 +26,11 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -37,12 +38,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
-from dyncompile.ir import ARGS, FIXED, LABELS, OPAQUE, SHAPE, ChannelSet, DynGraph
+from dyncompile.ir import ARGS, FIXED, LABELS, OPAQUE, REDUCED, SHAPE, ChannelSet, DynGraph
 from dyncompile.layer_rules import has_torch_forward, layer_rule_for, producer_rule_for
 
-__all__ = ["couple", "analyse", "CouplingAnalysis", "GROUPED_CONV_MODES", "has_torch_forward", "channel_vector",
-           "producer_channel_classes", "producer_channel_groups"]
+__all__ = ["couple", "analyse", "positional_data", "CouplingAnalysis", "GROUPED_CONV_MODES", "REDUCTIONS",
+           "has_torch_forward", "channel_vector", "producer_channel_classes", "producer_channel_groups"]
 
 GROUPED_CONV_MODES = ("auto", "group", "position")
 _MAX_PARAM_ATOMS = 1 << 16  # larger constant tensors (embeddings…) are simply fixed
@@ -177,12 +179,12 @@ REARRANGE_FUNCTIONS = {
     torch.squeeze, torch.unsqueeze, torch.cat, torch.concat, torch.concatenate, torch.stack, torch.split,
     torch.chunk, torch.tensor_split, torch.unbind, torch.narrow, torch.index_select, torch.flip, torch.roll,
     torch.t, F.pad, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
-    torch.pixel_shuffle, torch.pixel_unshuffle, torch.unflatten, operator.getitem,
+    torch.pixel_shuffle, torch.pixel_unshuffle, torch.unflatten, operator.getitem, torch.repeat_interleave,
 }
 REARRANGE_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "movedim", "squeeze",
     "unsqueeze", "expand", "expand_as", "repeat", "split", "chunk", "unbind", "narrow", "index_select",
-    "flip", "roll", "t", "view_as", "reshape_as", "tensor_split",
+    "flip", "roll", "t", "view_as", "reshape_as", "tensor_split", "repeat_interleave",
 }
 ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -194,13 +196,72 @@ ELEMENTWISE_METHODS = {
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum", "where",
     "__add__", "__radd__", "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "__iadd__",
 }
-REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var"}
-SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
-SOFTMAX_METHODS = {"softmax", "log_softmax"}
 # Constant-filled tensors whose sizes are arguments (a zero-padded shortcut: torch.zeros(b, c, h, w)).
 FILL_FUNCTIONS = {torch.zeros, torch.ones, torch.full}
 FILL_METHODS = {"new_zeros", "new_ones", "new_full"}
+
+
+class Reduction(NamedTuple):
+    """How an op that combines values along `dim` behaves when that dim holds droppable channels.
+
+    The masked reference zeroes a dropped channel where it is produced; the extracted sub-net has no such
+    channel at all. Along a dim where the labels do not vary every output position combines one class only
+    (kept or dropped whole, and masked after), so any reduction is exact there. Across channels the op is
+    exact only if a zero entry is the same as no entry: `exact` says so and `why` says why (or why not)."""
+
+    dim_at: int  # position of `dim` in the node's args (the data is args[0], also for methods)
+    default_dim: int | None  # `dim` when not given; None: every dim
+    exact: bool  # across channels, masked zeros change nothing the sub-net would compute without them
+    why: str  # the argument, in words (also the reason recorded when the channels are fixed)
+    keeps_shape: bool = False  # output has the input's shape (cumsum, normalize, softmax): labels pass through
+    order_at: int | None = None  # position of a norm's order p (exact only for p >= 0)
+    dim_names: tuple[str, ...] = ("dim", "axis")
+    rewrite: str | None = None  # not exact, but `extract` writes the masked semantics out (mean, max, min)
+
+
+_SUM = Reduction(1, None, True, "a sum over channels: a masked channel adds 0, the sub-net adds nothing")
+_MEAN = Reduction(1, None, False, "a mean over channels counts masked zeros: the sub-net divides its sum by the "
+                  "full count", rewrite="mean")
+_MAX = Reduction(1, None, False, "a max over channels: a masked 0 can win, so the sub-net clamps its max at 0 once "
+                 "a channel is dropped", rewrite="max")
+_MIN = Reduction(1, None, False, "a min over channels: a masked 0 can win, so the sub-net clamps its min at 0 once "
+                 "a channel is dropped", rewrite="min")
+_ARG = Reduction(1, None, False, "an arg-max/min over channels: a channel's index moves in a sub-net")
+_VAR = Reduction(1, None, False, "var/std over channels: masked zeros move the mean and the count")
+_NORM = Reduction(2, None, True, "a p-norm (p >= 0) over channels: |0|^p adds nothing", order_at=1)
+# One entry per spelling: the torch function and the Tensor method of the same name share it.
+REDUCTIONS: dict[Any, Reduction] = {
+    "sum": _SUM, "nansum": _SUM,
+    "count_nonzero": Reduction(1, None, True, "counting non-zeros over channels: a masked 0 is not counted"),
+    "mean": _MEAN, "nanmean": Reduction(1, None, False, "a nanmean over channels counts masked zeros, a sub-net "
+                                        "cannot tell how many were NaN"),
+    "amax": _MAX, "max": _MAX, "amin": _MIN, "min": _MIN, "argmax": _ARG, "argmin": _ARG,
+    "var": _VAR, "std": _VAR, "var_mean": _VAR, "std_mean": _VAR,
+    "prod": Reduction(1, None, False, "a product over channels: a masked 0 zeroes it"),
+    "logsumexp": Reduction(1, None, False, "logsumexp over channels: each masked 0 adds exp(0) = 1"),
+    "norm": _NORM, "vector_norm": _NORM,
+    "cumsum": Reduction(1, None, True, "a cumulative sum along channels: at a kept channel, masked ones before it "
+                        "added 0", keeps_shape=True),
+    "cumprod": Reduction(1, None, False, "a cumulative product along channels: a masked 0 zeroes what follows",
+                         keeps_shape=True),
+    "softmax": Reduction(1, None, False, "a softmax over channels: each masked 0 adds exp(0) to the denominator",
+                         keeps_shape=True),
+    "log_softmax": Reduction(1, None, False, "a log-softmax over channels: each masked 0 adds exp(0) to the "
+                             "denominator", keeps_shape=True),
+    "normalize": Reduction(2, 1, True, "F.normalize over channels: the p-norm (p > 0) ignores masked zeros and a "
+                           "masked 0 divided stays 0", keeps_shape=True, order_at=1),
+}
+_REDUCTION_FUNCTIONS = {
+    torch.sum: "sum", torch.nansum: "nansum", torch.count_nonzero: "count_nonzero", torch.mean: "mean",
+    torch.nanmean: "nanmean", torch.amax: "amax", torch.amin: "amin", torch.max: "max", torch.min: "min",
+    torch.argmax: "argmax", torch.argmin: "argmin", torch.var: "var", torch.std: "std", torch.var_mean: "var_mean",
+    torch.std_mean: "std_mean", torch.prod: "prod", torch.logsumexp: "logsumexp", torch.norm: "norm",
+    torch.linalg.vector_norm: "vector_norm", torch.cumsum: "cumsum", torch.cumprod: "cumprod",
+    F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    F.normalize: "normalize",
+}
+_REDUCTION_METHODS = {name for name in REDUCTIONS if name not in ("normalize", "vector_norm", "var_mean", "std_mean")}
+_REDUCTION_MODULES = {nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax"}
 SHAPE_METHODS = {"size", "dim", "numel", "__len__", "get_device", "type", "ndimension", "nelement"}
 SHAPE_FUNCTIONS = {getattr, len, torch.numel}
 
@@ -218,7 +279,10 @@ class CouplingAnalysis(fx.Interpreter):
         self.events: list[tuple[str, str, list[int]]] = []  # (node, why, atoms tied) for the coupling graph
         self.fix_events: list[tuple[str, list[int]]] = []  # (why, atoms fixed)
         self.modules = dict(gm.named_modules())
-        self.layer_calls: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> first call's in/out channels
+        # A module (or parameter) used by several nodes has one weight, cut once by extraction: every use must
+        # keep the same channels. Its atoms and input channels are remembered per target and reused / tied.
+        self.atoms_of_target: dict[str, torch.Tensor] = {}
+        self.inputs_of_target: dict[str, torch.Tensor] = {}
 
     # ── plumbing ──
     def run_node(self, n: fx.Node) -> Any:
@@ -292,7 +356,7 @@ class CouplingAnalysis(fx.Interpreter):
             self.fix(self.lab(n.args[0]), f"network output ({_describe(n.args[0])})")
             return None
         handler = self.handler_for(n)
-        if handler is None:
+        if handler is None or (n.op != "call_method" and not n.args):  # data by a keyword positional_data missed
             return self.unknown(n, value)
         return handler(self, n, value)
 
@@ -301,7 +365,7 @@ class CouplingAnalysis(fx.Interpreter):
             m = self.modules[n.target]
             rule = layer_rule_for(m)
             if rule is not None:
-                return lambda a, node, value: a.couple_layer(rule, node, m, value)
+                return lambda a, node, value: rule.couple(a, node, m, value)
             if not has_torch_forward(m):
                 return None  # a user subclass with its own forward: whatever it computes, it is not the layer
             if isinstance(m, UNARY_MODULES):
@@ -310,8 +374,8 @@ class CouplingAnalysis(fx.Interpreter):
                 return _spatial
             if isinstance(m, REARRANGE_MODULES):
                 return _rearrange
-            if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
-                return _softmax
+            if type(m) in _REDUCTION_MODULES:
+                return _reduce
             return None
         if n.op == "call_function":
             table = _FUNCTION_HANDLERS
@@ -322,32 +386,29 @@ class CouplingAnalysis(fx.Interpreter):
         except TypeError:  # unhashable target
             return None
 
-    def couple_layer(self, rule: Any, n: fx.Node, module: nn.Module, value: torch.Tensor) -> torch.Tensor:
-        """The layer's rule, then: a module called again (weights shared, e.g. a detection head run on every
-        pyramid level) is cut once, so each call keeps the channels of its first call, in and out."""
-        labels = rule.couple(self, n, module, value)
-        x, dim = self.val(n.args[0]), rule.channel_dim
-        inputs = channel_vector(self.roots(_data_labels(self, n)), dim % x.dim(), x.shape[dim])
-        outputs = channel_vector(self.roots(labels), dim % value.dim(), value.shape[dim])
-        first = self.layer_calls.get(n.target)
-        if first is None:
-            self.layer_calls[n.target] = (inputs, outputs)
-            return labels
-        why = f"'{n.target}' is called again with the same weights"
-        self.tie(first[0], inputs, n, why + " (its input channels)")
-        self.tie(first[1], outputs, n, why + " (its output channels)")
-        return self.roots(labels)
-
     # ── what layer rules (dyncompile.layer_rules) use ──
     def input_channels(self, n: fx.Node, dim: int, why: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels of `n`'s data input and their 1-D vector along `dim`; labels varying along another dim are
         fixed first (a channel consumer cannot drop a spatial pattern)."""
         labels = _channel_only(self, n, _data_labels(self, n), dim, why)
-        return labels, channel_vector(labels, dim, self.val(n.args[0]).shape[dim])
+        vector = channel_vector(labels, dim, self.val(n.args[0]).shape[dim])
+        earlier = self.inputs_of_target.setdefault(n.target, vector) if n.op == "call_module" else vector
+        if earlier is not vector:
+            if len(earlier) != len(vector):
+                self.fix((labels, earlier), f"{_describe(n)} is called again with another channel count")
+            else:
+                self.tie(earlier, vector, n, f"{_describe(n)} is called more than once: its weights are cut once")
+            labels = self.roots(labels)
+            vector = channel_vector(labels, dim, len(vector))
+        return labels, vector
 
     def new_channels(self, n: fx.Node, count: int) -> torch.Tensor:
-        """Fresh atoms for the `count` output channels of producer `n`."""
-        atoms = self.uf.new(count, n.target)
+        """Atoms for the `count` output channels of producer `n`: fresh at a module's first call, the same ones
+        at every later call (one weight, one cut)."""
+        atoms = self.atoms_of_target.get(n.target)
+        if atoms is None or len(atoms) != count:
+            atoms = self.uf.new(count, n.target)
+            self.atoms_of_target[n.target] = atoms
         self.producers[n.name] = atoms
         return atoms
 
@@ -365,7 +426,10 @@ class CouplingAnalysis(fx.Interpreter):
         """Parameters used directly in forward (layer scales, biases) get atoms of their own."""
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.numel() > _MAX_PARAM_ATOMS:
             return fixed_like(value)
-        atoms = self.uf.new(value.numel(), f"param:{n.target}").reshape(value.shape)
+        atoms = self.atoms_of_target.get(n.target)
+        if atoms is None or atoms.shape != value.shape:
+            atoms = self.uf.new(value.numel(), f"param:{n.target}").reshape(value.shape)
+            self.atoms_of_target[n.target] = atoms
         return self.rectangular(atoms, n)
 
     def unknown(self, n: fx.Node, value: Any) -> Any:
@@ -422,18 +486,6 @@ def _spatial(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     return vec.reshape([1, labels.shape[1]] + [1] * (value.dim() - 2))
 
 
-def _softmax(a: CouplingAnalysis, n: fx.Node, value: torch.Tensor) -> torch.Tensor:
-    labels = _data_labels(a, n)
-    if n.op == "call_module":
-        dim = a.modules[n.target].dim
-    else:
-        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-    if dim is None or (dim % labels.dim()) in varying_dims(labels):
-        a.fix(labels, f"{_describe(n)} normalises across channels")
-        return a.roots(labels)
-    return labels
-
-
 # ── rearrangements: apply the very same op to the labels ──
 def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     data = a.val(n.args[0]) if n.args else None
@@ -444,7 +496,7 @@ def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
         return None  # indexing a size tuple, etc.
     labels0 = a.lab(n.args[0])
     full0 = _expand_labels(labels0, a.val(n.args[0]))
-    if full0 is None:
+    if full0 is None or _per_element_counts(a, n):
         return a.unknown(n, value)
     _tie_for_fixed_factor_ops(a, n, full0)
     args = (full0,) + tuple(a.val(x) for x in n.args[1:])
@@ -470,6 +522,14 @@ def _rearrange(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
     return tuple(a.rectangular(r.to(torch.int64), n) for r in result)
 
 
+def _per_element_counts(a: CouplingAnalysis, n: fx.Node) -> bool:
+    """repeat_interleave with a tensor of counts: one count per channel, which extraction would not cut."""
+    if n.target not in ("repeat_interleave", torch.repeat_interleave):
+        return False
+    repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
+    return isinstance(a.val(repeats), torch.Tensor)
+
+
 _CHANNEL_SHUFFLES = (F.channel_shuffle, torch.channel_shuffle)
 _PIXEL_SHUFFLES = (F.pixel_shuffle, torch.pixel_shuffle)
 
@@ -477,9 +537,17 @@ _PIXEL_SHUFFLES = (F.pixel_shuffle, torch.pixel_shuffle)
 def _tie_for_fixed_factor_ops(a: CouplingAnalysis, n: fx.Node, labels: torch.Tensor) -> None:
     """Ops whose factor is an argument (not derived from the tensor) stay correct on fewer channels only if
     the kept channels keep that structure: channel_shuffle(g) needs the same positions in every group,
-    pixel_shuffle(r) needs whole blocks of r² channels."""
+    pixel_shuffle(r) needs whole blocks of r² channels. roll(shift) is never correct on fewer channels along a
+    dim where they vary: the shorter cycle wraps at another place, so those channels are fixed."""
     module = a.modules.get(n.target) if n.op == "call_module" else None
     target = n.target
+    if target in ("roll", torch.roll):
+        dims = a.val(n.kwargs.get("dims", n.args[2] if len(n.args) > 2 else None))
+        dims = None if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        varying = varying_dims(a.roots(labels))
+        if dims is None or any(d % labels.dim() in varying for d in dims):
+            a.fix(labels, f"{_describe(n)} rolls channels by a constant: fewer channels wrap at another place")
+        return
     if isinstance(module, nn.ChannelShuffle) or target in _CHANNEL_SHUFFLES:
         g = module.groups if module is not None else a.val(n.args[1] if len(n.args) > 1 else n.kwargs["groups"])
         per = labels.reshape(labels.shape[0], g, labels.shape[1] // g, -1)
@@ -537,20 +605,104 @@ def _elementwise(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
 
 
 def _reduce(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
+    """A reduction (or normalisation) along some dims; its argument per op is in `REDUCTIONS`.
+
+    Dims where the labels do not vary are reduced position-wise. Across channels, an exact op (sum, p-norm,
+    count_nonzero, cumsum, F.normalize) lets the channels through: a reducing one leaves nothing droppable in
+    its output, a shape-keeping one keeps the labels. A mean, max or min is let through with `node.meta[REDUCED]`
+    set: `extract` writes the masked semantics out (the sum over the kept channels divided by the full count;
+    the max or min clamped at 0 once a channel is dropped, as the masked zeros would). Any other op fixes the
+    channels with its reason."""
     labels = _data_labels(a, n)
-    if not isinstance(value, torch.Tensor) or not isinstance(labels, torch.Tensor):
+    name = _reduction_name(a, n)
+    if not isinstance(labels, torch.Tensor) or not isinstance(_first_tensor(value), torch.Tensor):
         return a.unknown(n, value)
-    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
-    keepdim = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
-    dims = list(range(labels.dim())) if dim is None else [dim] if isinstance(dim, int) else list(dim)
-    dims = sorted(d % labels.dim() for d in dims)
-    if any(d in varying_dims(labels) for d in dims):
-        a.fix(labels, f"{_describe(n)} reduces across channels")
+    if isinstance(a.val(n.args[1]) if len(n.args) > 1 else None, torch.Tensor):
+        return _elementwise(a, n, value)  # torch.max(x, y), x.min(y): element-wise
+    rule = REDUCTIONS[name]
+    rank = labels.dim()
+    dims = _reduced_dims(a, n, rule, rank)
+    across = dims is None or any(d in varying_dims(labels) for d in dims)
+    if not across:
+        out = labels if rule.keeps_shape else _reduced_labels(labels, dims, value)
+        if out is not None:
+            return out
+        a.fix(labels, f"{_describe(n)}: its output shape does not follow from its arguments")
         return fixed_like(value)
+    if rule.exact and dims is not None and _order_ok(a, n, rule):
+        return labels if rule.keeps_shape else fixed_like(value)
+    unsure = "its dims or its order are not constants the analysis can prove exact"
+    if rule.rewrite is not None and dims is not None:
+        unsure = _rewrite_obstacle(n, rule, dims, value)
+        if unsure is None:
+            n.meta[REDUCED] = (rule.rewrite, tuple(dims))
+            return fixed_like(value)
+    a.fix(labels, f"{_describe(n)} reduces across channels: " + (rule.why if rule.rewrite is None and not rule.exact
+                                                                 else unsure))
+    return a.roots(labels) if rule.keeps_shape else fixed_like(value)
+
+
+def _rewrite_obstacle(n: fx.Node, rule: Reduction, dims: list[int], value: Any) -> str | None:
+    """Why `extract` cannot write out the masked semantics of this mean/max/min, or None when it can: the
+    count of a mean must not include the batch; of a (values, indices) pair only the values may be used."""
+    if rule.rewrite == "mean" and 0 in dims:
+        return "a mean over the batch dim too (its count changes with the batch)"
+    if isinstance(value, (tuple, list)) and not all(
+            u.op == "call_function" and (u.target is operator.getitem and u.args[1] == 0
+                                         or u.target is getattr and u.args[1] == "values") for u in n.users):
+        return f"the indices of the {rule.rewrite} over channels are used, and they move in a sub-net"
+    return None
+
+
+def _reduction_name(a: CouplingAnalysis, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return _REDUCTION_MODULES[type(a.modules[n.target])]
+    return n.target if n.op == "call_method" else _REDUCTION_FUNCTIONS[n.target]
+
+
+def _reduced_dims(a: CouplingAnalysis, n: fx.Node, rule: Reduction, rank: int) -> list[int] | None:
+    """The dims the op reduces, non-negative; None when they cannot be read (treated as unprovable)."""
+    if n.op == "call_module":
+        dim = a.modules[n.target].dim
+    else:
+        given = [n.kwargs[k] for k in rule.dim_names if k in n.kwargs]
+        dim = given[0] if given else a.val(n.args[rule.dim_at]) if len(n.args) > rule.dim_at else rule.default_dim
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return list(range(rank))
+    if isinstance(dim, bool) or not all(isinstance(d, int) for d in (dim if isinstance(dim, (tuple, list)) else [dim])):
+        return None  # an older positional signature (std(x, unbiased)) or a non-constant dim
+    return sorted({d % rank for d in (dim if isinstance(dim, (tuple, list)) else [dim])})
+
+
+def _order_ok(a: CouplingAnalysis, n: fx.Node, rule: Reduction) -> bool:
+    """A norm's order p: |0|^p adds nothing for p >= 0 (p > 0 for F.normalize); 'fro' is p = 2."""
+    if rule.order_at is None:
+        return True
+    given = [n.kwargs[k] for k in ("p", "ord") if k in n.kwargs]
+    p = given[0] if given else a.val(n.args[rule.order_at]) if len(n.args) > rule.order_at else 2
+    if p in (None, "fro"):
+        p = 2
+    return isinstance(p, (int, float)) and not isinstance(p, bool) and (p > 0 or (p == 0 and not rule.keeps_shape))
+
+
+def _reduced_labels(labels: torch.Tensor, dims: list[int], value: Any) -> Any:
+    """Labels of a position-wise reduction; every tensor of a tuple result (values, indices) gets them. None
+    when the output's rank fits neither keepdim nor its absence."""
     out = labels
+    first = _first_tensor(value)
+    keepdim = first.dim() == labels.dim()
     for d in reversed(dims):
         out = out.narrow(d, 0, 1) if keepdim else out.select(d, 0)
-    return out.reshape([1] * value.dim()) if out.dim() != value.dim() else out
+    if out.dim() != first.dim():
+        if out.numel() != 1:
+            return None
+        out = out.reshape([1] * first.dim())
+    return tuple(out for _ in value) if isinstance(value, (tuple, list)) else out
+
+
+def _first_tensor(value: Any) -> Any:
+    leaves = _tensor_leaves(value)
+    return leaves[0] if leaves else None
 
 
 def _filled(a: CouplingAnalysis, n: fx.Node, value: Any) -> Any:
@@ -573,8 +725,7 @@ for _fns, _methods, _h in (
     (SPATIAL_FUNCTIONS, set(), _spatial),
     (REARRANGE_FUNCTIONS, REARRANGE_METHODS, _rearrange),
     (ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, _elementwise),
-    (REDUCE_FUNCTIONS, REDUCE_METHODS, _reduce),
-    (SOFTMAX_FUNCTIONS, SOFTMAX_METHODS, _softmax),
+    (set(_REDUCTION_FUNCTIONS), _REDUCTION_METHODS, _reduce),
     (FILL_FUNCTIONS, FILL_METHODS, _filled),
     (SHAPE_FUNCTIONS, SHAPE_METHODS, _no_labels),
 ):
@@ -583,8 +734,44 @@ for _fns, _methods, _h in (
 
 
 # ───────────────────────────── pass entry points ─────────────────────────────
+def positional_data(gm: fx.GraphModule) -> fx.GraphModule:
+    """In place: a call whose data is passed by keyword (`F.avg_pool2d(input=x, …)`, `self.pool(input=x)`,
+    `torch.cat(tensors=…)`) gets it as its first positional argument, the same call. Every handler here and
+    `extract` read a node's data as `args[0]`; fx keeps builtins' keywords as the user wrote them."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_module") or n.args or not n.kwargs:
+            continue
+        names = _first_parameter_names(gm.get_submodule(n.target).forward if n.op == "call_module" else n.target)
+        given = [k for k in n.kwargs if k in names]
+        if len(given) == 1:
+            kwargs = dict(n.kwargs)
+            n.args = (kwargs.pop(given[0]),)
+            n.kwargs = kwargs
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _first_parameter_names(fn: Callable) -> set[str]:
+    """The name(s) of `fn`'s first parameter, over all overloads of a torch builtin."""
+    names = set()
+    try:
+        names.add(next(iter(inspect.signature(fn).parameters)))
+    except (ValueError, TypeError, StopIteration):
+        pass
+    for signature in get_signature_for_torch_op(fn) or []:
+        names.update(list(signature.parameters)[:1])
+    return names
+
+
 def analyse(gm: fx.GraphModule, input_shape: tuple[int, ...], grouped_conv_mode: str = "group") -> CouplingAnalysis:
-    """Run the label propagation once (no DynGraph changes): the raw analysis, for tests and debugging."""
+    """Run the label propagation once (no DynGraph changes but `positional_data`): the raw analysis, for tests
+    and debugging."""
+    positional_data(gm)
+    for node in gm.graph.nodes:
+        node.meta.pop(REDUCED, None)  # an earlier run's (couple tries two grouped-conv modes)
     analysis = CouplingAnalysis(gm, grouped_conv_mode)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -687,12 +874,12 @@ def _write_back(dg: DynGraph, analysis: CouplingAnalysis) -> None:
             continue  # only constants: nothing a sub-net can drop
         classes: list[int] = []
         seen: set[int] = set()
-        fixed_count = 0
+        # Counted on the first producer, like `channels` and `group_channels` (an SE expand on a concat of this
+        # set's channels and the input has more outputs, the extra ones fixed: they are not this set's).
+        fixed_count = int((roots[analysis.producers[graph.nodes[members[0]]["node"]]] == FIXED).sum())
         for target in members:
             for c in roots[analysis.producers[graph.nodes[target]["node"]]].tolist():
-                if c == FIXED:
-                    fixed_count += 1
-                elif c not in seen:
+                if c != FIXED and c not in seen:
                     seen.add(c)
                     classes.append(c)
         extra = sorted(c for c, o in class_owners.items() if o & component and c not in seen)

@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from dyncompile.errors import ExtractionError
-from dyncompile.ir import ARGS, LABELS, SHAPE, DynGraph, SubnetConfig, keep_mask
+from dyncompile.ir import ARGS, LABELS, REDUCED, SHAPE, DynGraph, SubnetConfig, keep_mask
 from dyncompile.layer_rules import layer_rule_for, producer_rule_for
 from dyncompile.passes.couple import FILL_FUNCTIONS, FILL_METHODS
 
@@ -96,8 +96,13 @@ class _Extractor:
         if node.op == "get_attr":
             return self.emit_constant(node)
         if node.op == "call_module":
-            self.root[node.target] = self.slice_module(node)
-            return self.copy_node(node)
+            self.root[node.target], gather = self.slice_module(node)
+            if gather is None:
+                return self.copy_node(node)
+            dim, index = gather
+            data = self.graph.call_function(torch.index_select, (self.env[node.args[0]], dim, self.const_buffer(index)))
+            return self.graph.create_node("call_module", node.target, (data, *self.arg(node.args[1:])),
+                                          self.arg(node.kwargs), name=node.name)
         if node.op in ("call_function", "call_method"):
             return self.emit_call(node)
         return self.copy_node(node)
@@ -113,26 +118,36 @@ class _Extractor:
         return self.copy_node(node)
 
     def input_kept(self, node: fx.Node) -> Kept:
-        src = node.args[0]
+        src = node.args[0] if node.args else None  # a placeholder or attribute has no data input
         return self.kept.get(src) if isinstance(src, fx.Node) else None
 
-    def slice_module(self, node: fx.Node) -> nn.Module:
+    def slice_module(self, node: fx.Node) -> tuple[nn.Module, tuple[int, torch.Tensor] | None]:
+        """The module cut to the sub-net, and (dim, positions) of its input to gather first, if it reads fewer
+        channels than the sub-net keeps there (a grouped conv dropping groups whose inputs stay)."""
         m = self.modules[node.target]
         rule = layer_rule_for(m)
         if rule is None:
             if any(node.target in s.producers for s in self.dg.free_sets):  # slimmed by a rule since unregistered
                 producer_rule_for(m, node.target)
-            return copy.deepcopy(m)  # channel-agnostic (activation, pooling…) or opaque (its channels are fixed)
+            return copy.deepcopy(m), None  # channel-agnostic (activation, pooling…) or opaque (channels fixed)
         out_shape = node.meta[SHAPE]
         in_shape = node.args[0].meta[SHAPE]
         dim = rule.channel_dim % len(out_shape)
-        return rule.extract(m, _indices(self.input_kept(node), dim, in_shape[dim]),
-                            _indices(self.kept[node], dim, out_shape[dim]))
+        in_idx = _indices(self.input_kept(node), dim, in_shape[dim])
+        out_idx = _indices(self.kept[node], dim, out_shape[dim])
+        read = rule.inputs_read(m, in_idx, out_idx)
+        gather = None if len(read) == len(in_idx) else (dim, torch.isin(in_idx, read).nonzero().flatten())
+        return rule.extract(m, read, out_idx), gather
 
     def emit_call(self, node: fx.Node) -> fx.Node:
         target = node.target
         method = node.op == "call_method"
-        data_kept = self.input_kept(node) if node.args else None
+        data_kept = self.input_kept(node)
+        if _rewritten_reduction(node, data_kept):
+            return self.emit_channel_reduction(node, *node.meta[REDUCED])
+        if target in (operator.getitem, getattr) and isinstance(node.args[0], fx.Node) \
+                and _rewritten_reduction(node.args[0], self.input_kept(node.args[0])):
+            return self.env[node.args[0]]  # the values of a (values, indices) pair: emitted as the values alone
         if ARGS not in node.meta or (data_kept is None and not _any_kept(self.kept[node])):
             return self.copy_node(node)
         args, kwargs = node.meta[ARGS]
@@ -152,6 +167,25 @@ class _Extractor:
             index = args[1] if len(args) > 1 else kwargs["index"]
             return self.emit_index(node, data_kept, dim, index)
         return self.copy_node(node)
+
+    def emit_channel_reduction(self, node: fx.Node, kind: str, dims: tuple[int, ...]) -> fx.Node:
+        """A mean/max/min over channels some of which are dropped, written as the masked model computes it: a
+        dropped channel is a 0 there. Mean: the sub-net's sum over the full count. Max/min: the user's own call
+        on the kept channels (so a sub-net uses the ops the full model does), clamped at 0 from below/above; a
+        (values, indices) result becomes its values alone (couple made sure only they are used)."""
+        in_shape = node.args[0].meta[SHAPE]
+        out_shape = node.meta[SHAPE]
+        pair = bool(out_shape) and isinstance(out_shape[0], tuple)  # (values, indices)
+        if kind == "mean":
+            keepdim = len(out_shape) == len(in_shape)
+            total = self.graph.call_function(torch.sum, (self.env[node.args[0]],), {"dim": dims, "keepdim": keepdim})
+            count = math.prod(in_shape[d] for d in dims)
+            return self.graph.create_node("call_function", operator.truediv, (total, count), {}, name=node.name)
+        extreme = self.graph.create_node(node.op, node.target, self.arg(node.args), self.arg(node.kwargs))
+        if pair:
+            extreme = self.graph.call_function(operator.getitem, (extreme, 0))
+        return self.graph.create_node("call_function", torch.clamp, (extreme,),
+                                      {"min" if kind == "max" else "max": 0.0}, name=node.name)
 
     def emit_resize(self, node: fx.Node) -> fx.Node:
         """view/reshape/expand: every non-batch size becomes the constant the sub-net needs.
@@ -247,6 +281,11 @@ def _remap(position: Any, in_idx: torch.Tensor, size: int) -> tuple[Any, torch.T
     old = torch.arange(size)[position] if isinstance(position, slice) else torch.as_tensor(position)
     new = new_of_old[old]
     return None, new[new >= 0].clone()
+
+
+def _rewritten_reduction(node: fx.Node, data_kept: Kept) -> bool:
+    """A mean/max/min over channels (couple's REDUCED) of which this sub-net drops some."""
+    return REDUCED in node.meta and data_kept is not None and data_kept[0] in node.meta[REDUCED][1]
 
 
 def _any_kept(kept: Any) -> bool:

@@ -16,7 +16,8 @@ inverted residual (MBConv, optional SE), transposed-conv upsampling (×2, option
 same-shape entries, concat of two same-resolution entries,
 chunk(2), torch.split with constant sizes (list or int), slicing / narrow, channel shuffle (view/transpose/view
 with sizes from ``x.size()`` or constants, permute+flatten, F.channel_shuffle, nn.ChannelShuffle), SE gate,
-index_select with a constant index buffer (permutation, subset, duplicates), activations (relu, relu6,
+index_select with a constant index buffer (permutation, subset, duplicates), reductions over the channel dim
+(mean/max/sum/amax/norm, any spelling, into a conv used as a gate or a new map: issue 15), activations (relu, relu6,
 hardswish, silu, leaky_relu; module or functional), dropout, max/avg pooling, layer-scale parameter multiply,
 standalone BatchNorm, functional layers (``fconv``: an nn.Conv2d subclass calling F.conv2d on its weight, maybe
 times a fixed mask buffer, or F.linear on channels-last, then an nn.BatchNorm2d subclass calling F.batch_norm).
@@ -39,7 +40,8 @@ __all__ = ["KINDS", "cnn_specs", "build_model", "RandomCNN"]
 
 ACTS = ("relu", "relu6", "hardswish", "silu", "leaky_relu")
 KINDS = ("conv", "dw", "gconv", "res", "mbconv", "up", "add", "cat", "chunk", "split", "slice", "shuffle", "se",
-         "perm", "act", "dropout", "pool", "scale", "bn", "fconv")
+         "perm", "act", "dropout", "pool", "scale", "bn", "fconv",
+         "reduce")
 MAX_CAT = 48  # widest concat output
 MAX_MID = 64  # widest inverted-residual expansion
 
@@ -396,10 +398,39 @@ class FunctionalConv(Block):
         return x if self.act is None else self.act(x)
 
 
+class ChannelReduce(Block):
+    """Issue 15: one or two reductions over the channel dim (CBAM's spatial attention and kin), concatenated and
+    fed to a 3x3 conv, used as a sigmoid gate on the input ("gate") or as a new map ("conv")."""
+
+    def __init__(self, p, c):
+        super().__init__()
+        self.srcs = (p["src"],)
+        self.ops, self.dim, self.keepdim, self.style, self.use = p["ops"], p["dim"], p["keepdim"], p["style"], p["use"]
+        self.offset = p["offset"]
+        self.conv = nn.Conv2d(len(self.ops), 1 if self.use == "gate" else p["out"], 3, padding=1)
+
+    def reduce(self, x, op):
+        d, keep = self.dim, self.keepdim
+        function = self.style == "function"
+        if op == "max":
+            r = (torch.max(x, d, keepdim=keep) if function else x.max(dim=d, keepdim=keep))[0]
+        elif op == "norm":
+            r = torch.linalg.vector_norm(x, dim=d, keepdim=keep) if function else x.norm(dim=d, keepdim=keep)
+        else:
+            r = getattr(torch, op)(x, dim=d, keepdim=keep) if function else getattr(x, op)(d, keepdim=keep)
+        return r if keep else r.unsqueeze(1)
+
+    def forward(self, x):
+        x = x - self.offset  # values below 0 (after a ReLU too): a masked channel's 0 can win a max
+        r = torch.cat([self.reduce(x, op) for op in self.ops], 1) if len(self.ops) > 1 else self.reduce(x, self.ops[0])
+        y = self.conv(r)
+        return x * torch.sigmoid(y) if self.use == "gate" else y
+
+
 BLOCKS = {"conv": Conv, "dw": Conv, "gconv": Conv, "res": Residual, "mbconv": MBConv, "up": Up, "add": Add, "cat": Cat,
           "chunk": Chunk, "split": Split, "slice": Slice, "shuffle": Shuffle, "se": SEBlock, "perm": Perm,
           "act": ActBlock, "dropout": Dropout, "pool": Pool, "scale": Scale, "bn": BN,
-          "fconv": FunctionalConv}
+          "fconv": FunctionalConv, "reduce": ChannelReduce}
 
 
 class Head(nn.Module):
@@ -648,9 +679,25 @@ def _block(draw, kind: str, src: int, shapes: list[tuple[int, int]]) -> dict:
     elif kind == "bn":
         p.update(affine=draw(st.booleans()))
         p["outs"] = [(c, hw)]
+    elif kind == "reduce":
+        p.update(draw(_channel_reduce(c)))
+        p["outs"] = [(p["out"] if p["use"] == "conv" else c, hw)]
     else:  # pragma: no cover
         raise ValueError(kind)
     return p
+
+
+REDUCE_OPS = ("mean", "max", "sum", "amax", "norm")  # sum and norm are exact across channels, the others fix them
+
+
+@st.composite
+def _channel_reduce(draw, c: int) -> dict:
+    """Issue 15: parameters of a `ChannelReduce` block (every spelling of the channel dim, keepdim both ways)."""
+    ops = draw(st.lists(st.sampled_from(REDUCE_OPS), min_size=1, max_size=2))
+    dims = [1, -3] if "max" in ops else [1, -3, (1,)]
+    return {"ops": ops, "dim": draw(st.sampled_from(dims)), "keepdim": draw(st.booleans()),
+            "style": draw(st.sampled_from(["function", "method"])), "use": draw(st.sampled_from(["gate", "conv"])),
+            "out": draw(st.integers(4, 16)), "offset": draw(st.sampled_from([0.0, 1.0]))}
 
 
 @st.composite

@@ -134,6 +134,14 @@ def test_each_block_kind(kind, data):
     run_spec(spec, data.draw(GROUPS, label="groups"), data.draw(WIDTHS, label="width"))
 
 
+@settings(max_examples=30, **PROPERTY_SETTINGS)
+@given(spec=cnn_specs(min_blocks=1, max_blocks=5, first="reduce"), groups=GROUPS, width=WIDTHS)
+def test_random_cnn_with_channel_reductions_keeps_guarantees(spec, groups, width):
+    """Issue 15: reductions over channels (mean/max/sum/amax/norm, every spelling) right after a slimmable stem,
+    feeding a conv or a gate: either exact (sum, norm) or fixed, never a sub-net that differs from the masked one."""
+    run_spec(spec, groups, width)
+
+
 @pytest.mark.slow
 @settings(max_examples=SLOW_EXAMPLES, **PROPERTY_SETTINGS)
 @given(spec=cnn_specs(), groups=GROUPS, width=WIDTHS)

@@ -79,6 +79,12 @@ FEATURES: dict[str, str] = {
     "functional_linear": "an nn.Linear subclass whose forward calls F.linear",
     "layer_norm": "LayerNorm over the channels (F.layer_norm on a channels-last permute)",
     "fixed_filter": "a depthwise F.conv2d whose weight is a fixed filter buffer (blur-pool anti-aliasing)",
+    # issue 15: channel reductions, octave and dimension-wise convs
+    "channel_reduce": "mean / max over the channel dim (spatial attention) feeding a conv",
+    "shared_module": "one module called more than once (a shared MLP on two pooled maps)",
+    "keyword_data": "data passed by keyword to a builtin (F.avg_pool2d(input=x, ...))",
+    "two_resolutions": "octave conv: high/low-frequency maps at two resolutions, pooled/upsampled and added across",
+    "dimension_wise": "convs along height and width: the map permuted so a spatial axis takes the channels' place",
 }
 
 
@@ -230,6 +236,13 @@ _ENTRIES = [
            "functional_conv weight_mask concat dense_concat avgpool adaptive_pool relu"),
     _entry("timm-style-cifar", "functional_layers:timm_style_cifar", CIFAR,
            "functional_norm functional_linear fixed_filter layer_norm residual projection silu mean_pool"),
+    # issue 15: channel reductions, octave and dimension-wise convs
+    _entry("cbam-resnet14-cifar", "cbam_resnet:cbam_resnet14_cifar", CIFAR,
+           "residual projection se sigmoid_gate channel_reduce shared_module concat adaptive_pool relu"),
+    _entry("octave-resnet8-cifar", "octave_resnet:octave_resnet8_cifar", CIFAR,
+           "residual projection two_resolutions keyword_data avgpool adaptive_pool relu"),
+    _entry("dicenet-cifar", "dicenet:dicenet_cifar", CIFAR,
+           "dimension_wise depthwise grouped se sigmoid_gate residual avgpool adaptive_pool relu"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
