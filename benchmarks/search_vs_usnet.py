@@ -7,7 +7,8 @@
    (`--base-seed`: a second, independently trained base model is a second invocation with another seed and
    `--work`), and converts it (`--groups 8`): every method starts from this same trained model.
 2. Method variants: `usnet` (published recipe, convert's channel order), `usnet+l1` / `usnet+noise` (US-Nets after
-   the same channel ranking the progressive search does), `progressive`, `progressive+l1`, `progressive+none`.
+   the same channel ranking the progressive search does), `progressive`, `progressive+l1`, `progressive+none`,
+   `progressive+lazy` (the lazy greedy step, issue 14).
 3. `--usnet-lrs`: US-Nets' learning rate is chosen per variant on the *search split* (seed 0, mean accuracy of
    its chosen sub-nets), from that sweep; `--usnet-compute equal` trains US-Nets for as many epochs as give it
    the training compute (forward GMACs of every sub-net pass, logged by the runs) the progressive run spent in
@@ -81,15 +82,17 @@ def convert(state_dict: Path, workspace: Path, groups: int) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def split_variant(variant: str) -> tuple[str, str | None]:
-    """"usnet+l1" → ("usnet", "l1"): a method, and the ranking it runs with (None: the method's default)."""
-    method, _, rank = variant.partition("+")
-    return method, rank or None
+def split_variant(variant: str) -> tuple[str, str | None, str]:
+    """"usnet+l1" → ("usnet", "l1", "exhaustive"), "progressive+lazy" → ("progressive", None, "lazy"): a method,
+    the ranking it runs with (None: the method's default) and its greedy step (`dyncompile.search.greedy`)."""
+    method, *extras = variant.split("+")
+    rank = next((e for e in extras if e != "lazy"), None)
+    return method, rank, "lazy" if "lazy" in extras else "exhaustive"
 
 
 def run_method(base: Path, work: Path, variant: str, seed: int, args, *, epochs: float | None = None,
                lr: float | None = None, tag: str = "") -> dict:
-    method, rank = split_variant(variant)
+    method, rank, greedy = split_variant(variant)
     ws = work / f"{variant}{tag}-seed{seed}"
     shutil.rmtree(ws, ignore_errors=True)
     shutil.copytree(base, ws)
@@ -98,7 +101,7 @@ def run_method(base: Path, work: Path, variant: str, seed: int, args, *, epochs:
                             batch_size=args.batch_size, lr=args.lr if lr is None else lr, train_full=0,
                             rank=rank or (args.rank if method == "progressive" else None),
                             rank_direction=args.rank_direction, joint_pool=args.joint_pool,
-                            budget_window=args.budget_window, search_limit=args.search_limit)
+                            budget_window=args.budget_window, search_limit=args.search_limit, greedy=greedy)
     last = {"t": 0.0}
 
     def progress(kind, **info):
@@ -265,7 +268,8 @@ def main() -> None:
     p.add_argument("--joint-pool", default="chosen")
     p.add_argument("--budget-window", default="under")
     p.add_argument("--methods", default="usnet,usnet+l1,progressive",
-                   help="variants: usnet, usnet+l1, usnet+noise, progressive, progressive+l1, progressive+none")
+                   help="variants: usnet, usnet+l1, usnet+noise, progressive, progressive+l1, progressive+none, "
+                        "progressive+lazy")
     p.add_argument("--work", type=Path, default=Path("/tmp/dyncompile-bench-search"))
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with "
                    "torch threads = cores / jobs (seeds and methods are independent)")

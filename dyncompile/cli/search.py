@@ -113,6 +113,11 @@ def search(
     noise_epochs: Annotated[float, typer.Option(help="Epochs of the noise-ranking pass.")] = 1.0,
     noise_init: Annotated[float, typer.Option(help="Initial noise scale per group (0 or 0.25 in the paper's spirit).")] = 0.25,
     floor: Annotated[float, typer.Option(help="Smallest fraction of a set's channels the search may keep.")] = 0.25,
+    greedy: Annotated[str, typer.Option(help="exhaustive: each step scores every set (the paper); lazy: each step "
+                                             "re-scores only the sets whose last score could win (a few "
+                                             "evaluations a step, whatever the number of sets).")] = "exhaustive",
+    lazy_scores: Annotated[int, typer.Option(help="lazy: at most this many re-scored sets a step, besides new "
+                                                  "ones and the oldest score.")] = 4,
     finetune_threshold: Annotated[float, typer.Option(help="Fine-tune when search accuracy falls below: full "
                                                            "accuracy minus this (--threshold-mode drop) or this "
                                                            "accuracy (absolute).")] = 0.05,
@@ -139,7 +144,8 @@ def search(
     options = SearchOptions(method=method, data=data, subnets=_parse_budgets(subnets), epochs=epochs,
                             batch_size=batch_size, lr=lr, seed=seed, train_limit=train_limit, val_limit=val_limit,
                             train_full=train_full, rank=rank, rank_direction=rank_direction, noise_epochs=noise_epochs,
-                            noise_init=noise_init, floor=floor, finetune_threshold=finetune_threshold,
+                            noise_init=noise_init, floor=floor, greedy=greedy, lazy_scores=lazy_scores,
+                            finetune_threshold=finetune_threshold,
                             threshold_mode=threshold_mode, finetune_epochs=finetune_epochs, tolerance=tolerance,
                             budget_window=budget_window, select_z=select_z, joint_pool=joint_pool, remeasure_chain=remeasure,
                             checkpoint_every_s=checkpoint_every)

@@ -4,7 +4,8 @@
              every sub-net keeps a prefix of each set and the whole chain is nested by construction.
 2. search    shrink from the full model: each step tries dropping the next group of every set not at its floor,
              scores each candidate on the held-out search split (BN on batch statistics), commits the best.
-             Every committed step is a candidate sub-net. Below the fine-tuning threshold, the current sub-net
+             Every committed step is a candidate sub-net (`greedy="lazy"`: re-score only the sets whose last
+             score says they might win, `greedy.py`). Below the fine-tuning threshold, the current sub-net
              is fine-tuned jointly with the larger ones until it is back over it (or the epoch cap).
 3. select    re-measure every candidate with the current weights (`remeasure_chain`), drop candidates a smaller
              one beats beyond the split's noise; per budget keep the largest of the most accurate ones at or
@@ -23,6 +24,7 @@ import torch
 
 from dyncompile.errors import ConfigError
 from dyncompile.ir import ChannelSet, DynGraph, SubnetConfig
+from dyncompile.search.greedy import pick_exhaustive, pick_lazy
 from dyncompile.search.methods import SearchMethod, register_search_method
 from dyncompile.search.result import SearchResult, subnet_name
 from dyncompile.search.run import SearchRun
@@ -89,21 +91,27 @@ def _search(run: SearchRun) -> None:
         candidates = shrink_candidates(run.dg, current, o.floor)
         if not candidates:
             break
-        scored = []
-        for set_name, cand in candidates:
+        step = s["step"] + 1
+
+        def score(set_name: str, cand: SubnetConfig) -> tuple[float, float]:
             acc = run.accuracy(cand, "search", bn="batch")
             macs = run.macs(cand) / run.full_macs
-            scored.append((acc, -macs, set_name, cand))
-            run.event("eval", split="search", step=s["step"] + 1, dropped=set_name, macs_fraction=round(macs, 4),
-                      accuracy=acc)
-            run.progress("search", step=s["step"] + 1, candidate=set_name, macs=macs, accuracy=acc)
-        acc, neg_macs, set_name, best = max(scored, key=lambda t: (t[0], t[1]))
+            run.event("eval", split="search", step=step, dropped=set_name, macs_fraction=round(macs, 4), accuracy=acc)
+            run.progress("search", step=step, candidate=set_name, macs=macs, accuracy=acc)
+            return acc, macs
+
+        if o.greedy == "lazy":
+            picked, evaluations = pick_lazy(candidates, score, s.setdefault("bounds", {}), step,
+                                            s["chain"][-1]["accuracy"], o.lazy_scores)
+        else:
+            picked, evaluations = pick_exhaustive(candidates, score)
+        acc, neg_macs, set_name, best = picked
         s["step"] += 1
         s["config"] = best
         s["chain"].append({"step": s["step"], "config": best, "macs_fraction": -neg_macs, "accuracy": acc,
                            "dropped": set_name})
         run.event("step", step=s["step"], dropped=set_name, macs_fraction=round(-neg_macs, 4), accuracy=acc,
-                  candidates=len(candidates))
+                  candidates=len(candidates), scored=evaluations)
         if acc < s["threshold"]:
             s["finetune"] = {"step": s["step"], "before": acc}
         run.save()

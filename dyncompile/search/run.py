@@ -34,6 +34,7 @@ from dyncompile.data import Splits, loader, open_dataset
 from dyncompile.errors import ConfigError
 from dyncompile.ir import DynGraph, SubnetConfig, reorder_groups
 from dyncompile.measure import count_macs, count_params
+from dyncompile.search.greedy import GREEDY_MODES
 from dyncompile.search.methods import get_search_method
 from dyncompile.search.rank import DIRECTIONS, RANKINGS, NoiseScales, group_order, l1_scores
 from dyncompile.search.select import BUDGET_WINDOWS
@@ -76,6 +77,8 @@ class SearchOptions:
     noise_lr: float = 0.05
     # progressive search
     floor: float = 0.25  # smallest fraction of a set's channels the search may keep
+    greedy: str = "exhaustive"  # "exhaustive": score every set each step; "lazy": stale bounds, re-score the top
+    lazy_scores: int = 4  # lazy: at most this many re-scored candidates a step (besides new and oldest bounds)
     finetune_threshold: float = 0.05  # see threshold_mode
     threshold_mode: str = "drop"  # "drop": full search accuracy minus T; "absolute": accuracy T
     finetune_epochs: float = 1.0  # cap per fine-tune
@@ -99,7 +102,8 @@ class SearchOptions:
         if self.rank is not None and self.rank not in RANKINGS:
             raise ConfigError(f"--rank '{self.rank}' is unknown; use {' or '.join(RANKINGS)}")
         for field, choices in (("rank_direction", DIRECTIONS), ("budget_window", BUDGET_WINDOWS),
-                               ("joint_pool", ("chosen", "chain")), ("threshold_mode", ("drop", "absolute"))):
+                               ("joint_pool", ("chosen", "chain")), ("threshold_mode", ("drop", "absolute")),
+                               ("greedy", GREEDY_MODES)):
             value = getattr(self, field)
             if value not in choices:
                 raise ConfigError(f"--{field.replace('_', '-')} '{value}' is unknown; use {' or '.join(choices)}")
@@ -107,6 +111,8 @@ class SearchOptions:
             raise ConfigError(f"--subnets must be MACs fractions in (0, 1], like 0.25,0.5,0.75,1.0; got {self.subnets}")
         if self.batch_size < 1 or self.epochs < 0:
             raise ConfigError("--batch-size must be positive and --epochs not negative")
+        if self.lazy_scores < 1:
+            raise ConfigError("--lazy-scores must be at least 1")
         if self.select_z < 0 or self.tolerance < 0:
             raise ConfigError("--select-z and --tolerance must not be negative")
         if not 0 < self.floor <= 1 or not 0 < self.min_width <= 1:

@@ -142,3 +142,14 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
     """ResNet-18 at its real widths 64/128/256/512 (11.7 M parameters, 1.8 GMACs at 3×224×224): the size a user
     deploys, for latency and memory measurements."""
     return ResNet(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512), stem="imagenet", num_classes=num_classes)
+
+
+def resnet110_fashion(num_classes: int = 10) -> nn.Module:
+    """ResNet-110 (18 basic blocks a stage) for 1×28×28 images: 57 free channel sets, for how the search scales
+    with the number of sets (`benchmarks/search_scaling.py`)."""
+    return ResNet(BasicBlock, (18, 18, 18), (16, 32, 64), stem="cifar", num_classes=num_classes, in_channels=1)
+
+
+def resnet164_fashion(num_classes: int = 10) -> nn.Module:
+    """ResNet-164 (18 bottlenecks a stage, planes 16/32/64) for 1×28×28 images: over 100 free channel sets."""
+    return ResNet(Bottleneck, (18, 18, 18), (16, 32, 64), stem="cifar", num_classes=num_classes, in_channels=1)

@@ -232,10 +232,10 @@ def test_progressive_log_has_one_line_per_evaluation(progressive):
     finetunes = [e for e in log if e["event"] == "finetune"]
     # the search: every candidate of every step
     candidate_evals = [e for e in evals if e["split"] == "search" and "dropped" in e]
-    assert len(candidate_evals) == sum(e["candidates"] for e in steps)
+    assert len(candidate_evals) == sum(e["scored"] for e in steps)
     for step in steps:
         tried = [e for e in candidate_evals if e["step"] == step["step"]]
-        assert len(tried) == step["candidates"] and len({e["dropped"] for e in tried}) == len(tried)
+        assert len(tried) == step["scored"] == step["candidates"] and len({e["dropped"] for e in tried}) == len(tried)
         best = max(tried, key=lambda e: (e["accuracy"], -e["macs_fraction"]))
         assert (best["dropped"], best["accuracy"]) == (step["dropped"], step["accuracy"])
     # fine-tunes: one check per `check_every` training steps, until back over the threshold or at the cap
@@ -256,6 +256,29 @@ def test_progressive_log_has_one_line_per_evaluation(progressive):
     # every non-eval event is in the result's history, in order
     strip = lambda e: {k: v for k, v in e.items() if k != "time_s"}  # noqa: E731
     assert [strip(e) for e in log if e["event"] != "eval"] == [strip(e) for e in result.history]
+
+
+def test_lazy_greedy_scores_fewer_candidates_and_commits_the_best_it_scored(trained_workspace, tmp_path, progressive):
+    """--greedy lazy: every step commits the most accurate of the candidates it scored, scores at most the new
+    sets, the oldest bound and `lazy_scores` more, and the whole search scores fewer than the exhaustive one."""
+    import shutil
+
+    ws = tmp_path / "ws"
+    shutil.copytree(trained_workspace, ws)
+    options = SearchOptions(method="progressive", greedy="lazy", lazy_scores=2, **TINY)
+    result = SearchRun(ws, options, procs=Processes()).run()
+    assert_nested(load_workspace(ws).dg, result)
+    log = read_log(ws, "progressive")
+    steps = [e for e in log if e["event"] == "step"]
+    evals = [e for e in log if e["event"] == "eval" and e["split"] == "search" and "dropped" in e]
+    for step in steps[1:]:
+        tried = [e for e in evals if e["step"] == step["step"]]
+        assert len(tried) == step["scored"] <= 1 + 2, step  # the oldest bound, then at most two re-scores
+        best = max(tried, key=lambda e: (e["accuracy"], -e["macs_fraction"]))
+        assert (best["dropped"], best["accuracy"]) == (step["dropped"], step["accuracy"])
+    assert steps[0]["scored"] == steps[0]["candidates"], "the first step has no bounds: it scores every set"
+    exhaustive = [e for e in read_log(progressive[0], "progressive") if e["event"] == "eval" and "dropped" in e]
+    assert len(evals) < len(exhaustive)
 
 
 def test_usnet_log(usnet):
