@@ -281,6 +281,33 @@ def test_lazy_greedy_scores_fewer_candidates_and_commits_the_best_it_scored(trai
     assert len(evals) < len(exhaustive)
 
 
+def test_lazy_greedy_resumes_to_the_same_steps(trained_workspace, tmp_path):
+    """The lazy step's bounds are in the checkpoint: a search stopped after its third step and resumed takes the
+    same steps, scores the same sets and ends with the same sub-nets as one that ran straight through."""
+    import shutil
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_third_step(kind, **info):
+        if kind == "event" and info["event"] == "step" and info["step"] == 3:
+            raise Stop
+
+    options = SearchOptions(method="progressive", greedy="lazy", lazy_scores=2, **TINY)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    shutil.copytree(trained_workspace, straight)
+    shutil.copytree(trained_workspace, killed)
+    a = SearchRun(straight, options, procs=Processes()).run()
+    with pytest.raises(Stop):
+        SearchRun(killed, options, procs=Processes(), progress=stop_after_third_step).run()
+    resumed = SearchRun(killed, options, resume=True, procs=Processes())
+    assert len(resumed.state["values"]["search"]["bounds"]) == len(resumed.dg.free_sets)
+    b = resumed.run()
+    assert [(s.name, s.config, s.accuracy) for s in a.subnets] == [(s.name, s.config, s.accuracy) for s in b.subnets]
+    strip = lambda log: [{k: v for k, v in e.items() if k != "time_s"} for e in log]  # noqa: E731
+    assert strip(read_log(straight, "progressive")) == strip(read_log(killed, "progressive"))
+
+
 def test_usnet_log(usnet):
     ws, summary = usnet
     log = read_log(ws, "usnet")
