@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from dyncompile import runtime
-from dyncompile.deployable import Manifest, default_output, read_manifest, record_latencies, write_deployable
+from dyncompile.deployable import (Manifest, TuningSummary, default_output, read_manifest, record_latencies,
+                                   write_deployable)
 from dyncompile.errors import ConfigError, one_line
 from dyncompile.ir import DynGraph, SubnetConfig
 from dyncompile.subnet_choice import subnets_from_workspace, uniform_subnets, workspace_facts
@@ -155,6 +156,8 @@ class DeployableBuild:
     manifest: Manifest
     result: BuildResult
     notes: list[str]  # for the user: which sub-nets were built, what was not measured and why
+    tuning: TuningSummary | None = None  # the tuning this build ran, also when its schedules were not kept
+    tuned_schedules_kept: bool | None = None  # None: no tuning; False: the default schedules won end to end
 
 
 def _measure_latencies(path: Path, manifest: Manifest, rpc: str | None, repeats: int
@@ -205,6 +208,7 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
                    tune_trials=tune_trials, tune_minutes=tune_minutes,
                    tuning_dir=tuning_dir_for(workspace, target) if tune_trials else None,
                    rpc=rpc, own_tensors=source.own_tensors, progress=progress)
+    tuning, tuned_kept = TuningSummary.of(result.tuning), True
     if progress:
         progress("write", "the deployable")
     path = Path(output) if output is not None else default_output(workspace, target)
@@ -231,6 +235,7 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
                 notes.append(f"tuning did not pay end to end ({sum(latencies.values()):.3f} ms for the sub-nets "
                              f"tuned, {sum(default_ms.values()):.3f} ms with the default schedules): the deployable "
                              f"uses the default schedules; the tuning database keeps its records")
+                tuned_kept = False
                 result, latencies = default, default_ms
                 write_deployable(path, result, source.dg, model=model_facts, accuracy=source.accuracy,
                                  search=source.search)
@@ -239,7 +244,7 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
         else:
             notes.append(f"latency not measured: the deployable cannot run here ({why_not}); "
                          f"`dyncompile bench` on the target records it")
-    return DeployableBuild(path, manifest, result, notes)
+    return DeployableBuild(path, manifest, result, notes, tuning, tuned_kept if tuning is not None else None)
 
 
 def tuned_pays(tuned_ms: dict[str, float], default_ms: dict[str, float]) -> bool:

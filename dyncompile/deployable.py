@@ -230,6 +230,14 @@ class TuningSummary:
         return cls(d["trials_per_task"], d["kernels"], d["tuned_now"], d["reused"], d.get("time_budget_s"),
                    d.get("left_for_time", 0))
 
+    @classmethod
+    def of(cls, report: Any) -> TuningSummary | None:
+        """The summary of a build's `TuningReport` (targets/tuning.py); None for an untuned build."""
+        if report is None:
+            return None
+        return cls(report.trials_per_task, report.tasks, report.tuned, report.reused, report.time_budget_s,
+                   report.left_for_time)
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -381,7 +389,6 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             np.savez(f, **full)
         _export_in_child(get_target(result.target_name).export_library, result.executable, staging / LIBRARY)
         files = {name: sha256_file(staging / name) for name in (LIBRARY, WEIGHTS)}
-        tuning = result.tuning
         manifest = Manifest(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             versions=_versions(),
@@ -391,9 +398,7 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             library=LIBRARY,
             weights=WeightsFile(WEIGHTS, int(sum(a.nbytes for a in full.values())),
                                 {k: TensorSpec(tuple(a.shape), str(a.dtype)) for k, a in full.items()}),
-            tuning=None if tuning is None else TuningSummary(tuning.trials_per_task, tuning.tasks, tuning.tuned,
-                                                             tuning.reused, tuning.time_budget_s,
-                                                             tuning.left_for_time),
+            tuning=TuningSummary.of(result.tuning),
             latency=None,  # how latency_ms was measured, once a bench recorded it
             search=search,
             subnets=tuple(sorted((DeployedSubnet.from_build(s, (accuracy or {}).get(s.name)) for s in result.subnets),

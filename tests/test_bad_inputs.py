@@ -298,7 +298,9 @@ def test_sigkill_during_tuning_keeps_the_kernels_already_measured(root, tmp_path
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600, **kw)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
-    assert summary["subnets"] and summary["tuning"], summary
+    # the tuning is reported whether or not its schedules beat the default ones end to end (a verdict that
+    # depends on the machine's load: the build keeps the faster deployable)
+    assert summary["subnets"] and summary["tuning"] and summary["tuned_schedules_kept"] is not None, summary
     tuning = summary["tuning"]
     assert tuning["reused"] >= len(finished) >= 1, tuning
     # the kill came mid-tuning: records reach the database kernel by kernel, not all at the end

@@ -335,6 +335,9 @@ def test_a_tuning_that_does_not_pay_end_to_end_leaves_the_default_schedules(work
         assert tuned > 0 and not said
     else:
         assert tuned == 0 and len(said) == 1 and "uses the default schedules" in said[0]
+    # what the tuning did is reported either way, with which schedules were kept
+    assert made.tuned_schedules_kept is pays and made.tuning is not None and made.tuning.kernels > 0
+    assert (made.manifest.tuning is not None) is pays
     model = runtime.load(tmp_path / "d")
     assert all(s.latency_ms and s.latency_ms > 0 for s in model.subnets)
     ws = load_workspace(workspace)

@@ -110,7 +110,8 @@ def build(
     manifest, path, tuning = built.manifest, built.path, built.result.tuning
     if json_output:
         print_json({"deployable": str(path), "target": manifest.target.to_json(),
-                     "tuning": None if manifest.tuning is None else manifest.tuning.to_json(),
+                     "tuning": None if built.tuning is None else built.tuning.to_json(),
+                     "tuned_schedules_kept": built.tuned_schedules_kept,
                      "compile_s": built.result.compile_s, "notes": built.notes,
                      "subnets": [{"name": s.name, "macs": s.macs, "params": s.params, "kernels": s.kernels,
                                   "tuned_kernels": s.tuned_kernels, "latency_ms": s.latency_ms,
