@@ -19,6 +19,7 @@ from dyncompile.passes.trace import trace
 from dyncompile.pipeline import analyse_model
 from dyncompile.search.rank import NoiseScales, l1_scores
 from dyncompile.search.subnets import SharedSubnets
+from dyncompile.zoo.functional_layers import BlurPool2d
 
 SHAPE = (1, 3, 8, 8)
 
@@ -278,23 +279,10 @@ def test_a_stored_weight_expression_reaches_only_its_own_operands(tmp_path):
         load_graph_module(tmp_path)
 
 
-class BlurPool(nn.Module):
-    """Anti-aliased downsampling (timm's BlurPool2d): a depthwise F.conv2d whose weight is a fixed filter buffer."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-        taps = torch.tensor([1.0, 2.0, 1.0])
-        self.register_buffer("filt", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).clone())
-
-    def forward(self, x):
-        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.filt, stride=2, groups=self.channels)
-
-
 class BlurNet(Net):
     def __init__(self):
         super().__init__()
-        self.n1 = nn.Sequential(BNAct(8), BlurPool(8))
+        self.n1 = nn.Sequential(BNAct(8), BlurPool2d(8))  # timm-style: a fixed filter buffer as the weight
 
 
 def test_a_fixed_filter_buffer_is_lifted_as_a_buffer_weight():
