@@ -60,8 +60,8 @@ import torch
 from torch import nn
 
 from dyncompile.errors import ConfigError, ExtractionError
-from dyncompile.layers import (ExprConv1d, ExprConv2d, ExprConv3d, ExprLinear, SlimConv1d, SlimConv2d, SlimConv3d, SlimConvTranspose1d, SlimConvTranspose2d,
-                               SlimConvTranspose3d, SlimLinear)
+from dyncompile.layers import (ExprConv1d, ExprConv2d, ExprConv3d, ExprLinear, SlimConv1d, SlimConv2d, SlimConv3d,
+                               SlimConvTranspose1d, SlimConvTranspose2d, SlimConvTranspose3d, SlimLinear)
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -69,9 +69,8 @@ if TYPE_CHECKING:
     from dyncompile.passes.couple import CouplingAnalysis
 
 __all__ = ["LayerRule", "ProducerRule", "LinearRule", "ConvRule", "ConvTransposeRule", "ChannelwiseRule",
-           "GroupNormRule", "PReLURule", "WeightExpressionRule", "LayerNormRule", "register_layer_rule", "unregister_layer_rule", "layer_rule_for",
-           "producer_rule_for",
-           "has_torch_forward"]
+           "GroupNormRule", "PReLURule", "WeightExpressionRule", "LayerNormRule", "register_layer_rule",
+           "unregister_layer_rule", "layer_rule_for", "producer_rule_for", "has_torch_forward"]
 
 
 class LayerRule:

@@ -667,11 +667,12 @@ def _reduced_dims(a: CouplingAnalysis, n: fx.Node, rule: Reduction, rank: int) -
     else:
         given = [n.kwargs[k] for k in rule.dim_names if k in n.kwargs]
         dim = given[0] if given else a.val(n.args[rule.dim_at]) if len(n.args) > rule.dim_at else rule.default_dim
-    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+    dims = [] if dim is None else list(dim) if isinstance(dim, (tuple, list)) else [dim]
+    if not dims:
         return list(range(rank))
-    if isinstance(dim, bool) or not all(isinstance(d, int) for d in (dim if isinstance(dim, (tuple, list)) else [dim])):
+    if isinstance(dim, bool) or not all(isinstance(d, int) for d in dims):
         return None  # an older positional signature (std(x, unbiased)) or a non-constant dim
-    return sorted({d % rank for d in (dim if isinstance(dim, (tuple, list)) else [dim])})
+    return sorted({d % rank for d in dims})
 
 
 def _order_ok(a: CouplingAnalysis, n: fx.Node, rule: Reduction) -> bool:

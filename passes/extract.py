@@ -108,7 +108,7 @@ class _Extractor:
         return self.copy_node(node)
 
     def emit_constant(self, node: fx.Node) -> fx.Node:
-        value = _fetch_attr(self.weights, node.target)
+        value = operator.attrgetter(node.target)(self.weights)  # a dotted target: one getattr per part
         kept = self.kept[node]
         if isinstance(value, torch.Tensor):
             sliced = value.detach().index_select(kept[0], kept[1]).clone() if kept else value.detach().clone()
@@ -292,13 +292,6 @@ def _any_kept(kept: Any) -> bool:
     if isinstance(kept, tuple) and kept and not isinstance(kept[0], int):
         return any(k is not None for k in kept)
     return kept is not None
-
-
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def extract_subnet(dg: DynGraph, config: SubnetConfig, weights: fx.GraphModule | None = None) -> fx.GraphModule:

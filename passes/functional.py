@@ -30,6 +30,7 @@ the call (``block.conv2d_1.weight``) and the tensors move into it.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -374,7 +375,5 @@ def _install(gm: fx.GraphModule, module: nn.Module, targets: list[str], call_nam
 
 
 def _fetch(gm: nn.Module, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """The tensor (or module) a get_attr target names: one getattr per dotted part."""
+    return operator.attrgetter(target)(gm)

@@ -46,6 +46,7 @@ def pick_lazy(candidates: list[tuple[str, SubnetConfig]], score: Scorer, bounds:
     """(the best neighbour found, evaluations spent); updates `bounds` in place (see the module docstring)."""
     config_of = dict(candidates)
     order = [name for name, _ in candidates]
+    position = {name: i for i, name in enumerate(order)}  # ties go to the set listed first
     fresh: dict[str, Scored] = {}
 
     def take(name: str) -> None:
@@ -58,9 +59,9 @@ def pick_lazy(candidates: list[tuple[str, SubnetConfig]], score: Scorer, bounds:
             take(name)
     stale = [name for name in order if name not in fresh]
     if stale:
-        take(min(stale, key=lambda n: (bounds[n][1], order.index(n))))
+        take(min(stale, key=lambda n: (bounds[n][1], position[n])))
     for _ in range(max_scores):
-        top = max(order, key=lambda n: (bounds[n][0], -order.index(n)))
+        top = max(order, key=lambda n: (bounds[n][0], -position[n]))
         if top in fresh:
             break
         take(top)
