@@ -47,8 +47,10 @@ __all__ = ["DeployableError", "ParamSlice", "DeployedSubnet", "TargetFacts", "In
            "TuningSummary", "Manifest", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
            "own_tensor_key", "write_deployable", "read_manifest", "record_latencies"]
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # 1: each sub-net had one "output"; 2: a list of "outputs" (dense prediction)
+FORMAT_VERSION = 3
+# 1: each sub-net had one "output"; 2: a list of "outputs" (dense prediction); 3: weights stored transposed
+# ("axes") where the kernels read them in place, and inputs that are whole stored tensors
+READABLE_FORMATS = (1, 2, 3)
 KIND = "dyncompile-deployable"
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -64,7 +66,8 @@ class ParamSlice:
     """One input of a sub-net's Relax function: which full-model tensor it is cut from, and how.
 
     ``index[d]`` lists the kept indices along dim d of the full tensor (None: all of them); the slice is the
-    outer product of these lists (``np.take`` dim by dim), exactly the tensor `extract_subnet` produced.
+    outer product of these lists (``np.take`` dim by dim), exactly the tensor `extract_subnet` produced, then
+    transposed by ``axes`` when given (a whole tensor its kernels read in place: targets/shared_weights.py).
     """
 
     name: str  # the Relax parameter, e.g. "p_layer1_0_conv1_weight"
@@ -72,21 +75,36 @@ class ParamSlice:
     index: tuple[tuple[int, ...] | None, ...]
     shape: tuple[int, ...]
     dtype: str
+    axes: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "source": self.source, "shape": list(self.shape), "dtype": self.dtype,
-                "index": [None if i is None else list(i) for i in self.index]}
+        out = {"name": self.name, "source": self.source, "shape": list(self.shape), "dtype": self.dtype,
+               "index": [None if i is None else list(i) for i in self.index]}
+        if self.axes is not None:
+            out["axes"] = list(self.axes)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> ParamSlice:
         return cls(d["name"], d["source"], tuple(None if i is None else tuple(i) for i in d["index"]),
-                   tuple(d["shape"]), d["dtype"])
+                   tuple(d["shape"]), d["dtype"], None if d.get("axes") is None else tuple(d["axes"]))
+
+    def is_prefix(self) -> bool:
+        """Whether the cut keeps the first indices along every dim (then a kernel can read it in place)."""
+        return all(i is None or i == tuple(range(len(i))) for i in self.index)
+
+    @property
+    def key(self) -> tuple:
+        """Two inputs with the same key are the same tensor: the runtime keeps one copy for both."""
+        return self.source, self.index, self.axes
 
     def cut(self, full: np.ndarray) -> np.ndarray:
         out = full
         for dim, idx in enumerate(self.index):
             if idx is not None:
                 out = np.take(out, idx, axis=dim)
+        if self.axes is not None:
+            out = out.transpose(self.axes)
         return np.ascontiguousarray(out)
 
 
@@ -184,13 +202,23 @@ class InputSpec:
 class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
+    # weights.npz only: the tensor is stored transposed by `axes` (the layout kernels read in place, see
+    # targets/shared_weights.py); `shape` is the stored shape
+    axes: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype}
+        out = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.axes is not None:
+            out["axes"] = list(self.axes)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        return cls(tuple(d["shape"]), d["dtype"])
+        return cls(tuple(d["shape"]), d["dtype"], None if d.get("axes") is None else tuple(d["axes"]))
+
+    def unstored(self, stored: np.ndarray) -> np.ndarray:
+        """The tensor in the model's own layout, as a view of `stored` (no copy)."""
+        return stored if self.axes is None else stored.transpose(np.argsort(self.axes))
 
 
 @dataclass(frozen=True)
@@ -385,6 +413,9 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             if clash:
                 raise DeployableError(f"sub-net '{s.name}' tensor '{clash[0]}' clashes with a model tensor name")
             full.update(s.own_tensors)
+        stored_axes = _stored_axes(result.subnets)
+        for name, axes in stored_axes.items():
+            full[name] = np.ascontiguousarray(full[name].transpose(axes))
         with open(staging / WEIGHTS, "wb") as f:
             np.savez(f, **full)
         _export_in_child(get_target(result.target_name).export_library, result.executable, staging / LIBRARY)
@@ -397,7 +428,8 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             input=InputSpec(tuple(result.input_shape), result.input_dtype, result.batch_size),
             library=LIBRARY,
             weights=WeightsFile(WEIGHTS, int(sum(a.nbytes for a in full.values())),
-                                {k: TensorSpec(tuple(a.shape), str(a.dtype)) for k, a in full.items()}),
+                                {k: TensorSpec(tuple(a.shape), str(a.dtype), stored_axes.get(k))
+                                 for k, a in full.items()}),
             tuning=TuningSummary.of(result.tuning),
             latency=None,  # how latency_ms was measured, once a bench recorded it
             search=search,
@@ -426,6 +458,17 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _stored_axes(subnets: list) -> dict[str, tuple[int, ...]]:
+    """Tensors to store transposed: those every sub-net reading them whole reads with the same axes (so each
+    sub-net's input is the stored tensor itself, loaded once; see targets/shared_weights.py)."""
+    axes: dict[str, tuple[int, ...] | None] = {}
+    for s in subnets:
+        for p in s.parameters:
+            if p.axes is not None:
+                axes[p.source] = p.axes if axes.get(p.source, p.axes) == p.axes else None
+    return {name: a for name, a in axes.items() if a is not None}
 
 
 def read_manifest(path: str | Path, *, verify_files: bool = True) -> Manifest:

@@ -11,8 +11,9 @@
         board.latency_ms("w50")          # timed on the board
 
 `load` checks every file's SHA-256 before it loads the library (loading a library runs its code), refuses a
-deployable built for another device or a CPU this one cannot run, cuts each sub-net's weights out of the
-full ones once, runs each sub-net's `_transform_params` once, and creates one VirtualMachine. Only TVM's
+deployable built for another device or a CPU this one cannot run, reads each weight once (a weight the sub-nets
+read whole, in place, is one buffer for all of them; others are cut per sub-net), runs each sub-net's
+`_transform_params` once, and creates one VirtualMachine. Only TVM's
 runtime is used here (no Relax, no torch needed), so this also runs where only the runtime is installed.
 Over RPC the library is uploaded once per session; the board serves one session at a time, so close the
 model (or use `with`) when done.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -291,17 +293,85 @@ def load(path: str | Path, device: str = "cpu", rpc: str | None = None) -> Deplo
                               f"{tvm.__version__}; rebuild it with this version")
     kind.runtime_setup()
     dev = _device(device)
-    full = read_weights(path, manifest)
+    raw = _device_inputs(path, manifest, dev)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIBRARY)), dev)
     weights = {}
     for s in manifest.subnets:
-        raw = [tvm.runtime.tensor(a, dev) for a in subnet_inputs(s, full)]
-        weights[s.name] = list(vm[s.transform_function](raw)) if s.transform_function else raw
+        weights[s.name] = list(vm[s.transform_function](raw[s.name])) if s.transform_function else raw[s.name]
     return LocalModel(path, manifest, vm, dev, weights)
 
 
+ALIGNMENT = 64  # bytes: what TVM requires of a buffer it takes over without copying
+READ_CHUNK = 1 << 20  # bytes read at a time into a weight's final buffer
+
+
+def _device_inputs(path: Path, manifest: Manifest, dev: Any) -> dict[str, list]:
+    """Every sub-net's inputs on `dev`, one tensor per distinct recipe (`ParamSlice.key`): a weight that sub-nets
+    read whole (shared_weights.py) is one buffer for all of them. Read tensor by tensor into aligned memory
+    that a CPU device takes over as it is, so loading never holds a second copy of the weights."""
+    by_source: dict[str, list] = {}
+    for s in manifest.subnets:
+        for p in s.parameters:
+            if p.source not in manifest.weights.tensors:
+                raise DeployableError(f"sub-net '{s.name}' needs '{p.source}', which '{WEIGHTS}' lacks")
+            by_source.setdefault(p.source, [])
+            if all(q.key != p.key for q in by_source[p.source]):
+                by_source[p.source].append(p)
+    tensors = {}
+    try:
+        with zipfile.ZipFile(path / WEIGHTS) as npz:
+            for source, params in by_source.items():
+                spec = manifest.weights.tensors[source]
+                stored = _read_aligned(npz, source, spec, path)
+                for p in params:
+                    tensors[p.key] = _on_device(_cut(p, spec.unstored(stored)), stored, dev)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise DeployableError(f"cannot read '{path / WEIGHTS}' ({type(exc).__name__}); rebuild the deployable") \
+            from None
+    return {s.name: [tensors[p.key] for p in s.parameters] for s in manifest.subnets}
+
+
+def _read_aligned(npz: zipfile.ZipFile, name: str, spec: Any, path: Path) -> np.ndarray:
+    """Tensor `name` of the open weights.npz, read straight into memory aligned to `ALIGNMENT`."""
+    with npz.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = header(f)
+        if fortran_order or tuple(shape) != tuple(spec.shape) or str(dtype) != spec.dtype:
+            raise DeployableError(f"'{path / WEIGHTS}' does not hold tensor '{name}' as the manifest describes")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
+        start = -buffer.ctypes.data % ALIGNMENT
+        data = buffer[start:start + nbytes]
+        view, done = memoryview(data), 0
+        while done < nbytes:  # in chunks: a zip member's readinto reads the whole request into a copy first
+            got = f.readinto(view[done:done + READ_CHUNK])
+            if not got:
+                raise DeployableError(f"'{path / WEIGHTS}' ends inside tensor '{name}'; rebuild the deployable")
+            done += got
+    return data.view(dtype).reshape(shape)
+
+
+def _cut(p: Any, full: np.ndarray) -> np.ndarray:
+    cut = p.cut(full)
+    if tuple(cut.shape) != p.shape:
+        raise DeployableError(f"'{p.source}' cut to {cut.shape} for input '{p.name}', expected {p.shape}")
+    return cut
+
+
+def _on_device(array: np.ndarray, stored: np.ndarray, dev: Any) -> Any:
+    """`array` as a tensor on `dev`: the stored buffer itself when `array` is all of it and `dev` is the CPU."""
+    import tvm
+
+    whole = array.ctypes.data == stored.ctypes.data and array.nbytes == stored.nbytes and array.flags.c_contiguous
+    if whole and dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
+        return tvm.runtime.from_dlpack(array)
+    return tvm.runtime.tensor(array, dev)
+
+
 def read_weights(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
-    """The tensors of the deployable's weights.npz (full model, plus sub-nets' own), checked against `manifest`."""
+    """The tensors of the deployable's weights.npz (full model, plus sub-nets' own), checked against `manifest`,
+    each in the model's own layout (a view where it is stored transposed)."""
     path = Path(path)
     try:
         with np.load(path / WEIGHTS, allow_pickle=False) as npz:
@@ -312,6 +382,7 @@ def read_weights(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
     for name, spec in manifest.weights.tensors.items():
         if name not in full or tuple(full[name].shape) != spec.shape or str(full[name].dtype) != spec.dtype:
             raise DeployableError(f"'{path / WEIGHTS}' does not hold tensor '{name}' as the manifest describes")
+        full[name] = spec.unstored(full[name])
     return full
 
 

@@ -33,12 +33,18 @@ def _relax(pass_name: str) -> Callable[[Any, str], Any]:
 
 
 def _blocked_layout(target: Any, layout: str) -> Any | None:
-    if layout != "blocked" or target.kind.name != "llvm":
+    if not layout.startswith("blocked") or target.kind.name != "llvm":
         return None
     from dyncompile.targets.blocked_layout import to_blocked_layout
     from dyncompile.targets.llvm_common import vector_lanes
 
     return to_blocked_layout(vector_lanes(target))
+
+
+def _share_weights(target: Any, layout: str) -> Any:
+    from dyncompile.targets.shared_weights import share_weights
+
+    return share_weights(rewrite=layout == "blocked" and target.kind.name == "llvm")
 
 
 def _legalize(_target: Any, _layout: str) -> Any:
@@ -49,7 +55,9 @@ def _legalize(_target: Any, _layout: str) -> Any:
     return relax.transform.LegalizeOps(BLOCKED_LEGALIZE)  # unblocked conv2d legalizes the default way
 
 
-LAYOUTS = ("blocked", "nchw")  # `prepare(layout=)`: CPU convolutions in NCHW[b]c (the default) or left in NCHW
+# `prepare(layout=)`: CPU convolutions in NCHW[b]c reading shared weights (the default), in NCHW[b]c with each
+# sub-net's own blocked copy of its weights (what sharing costs or buys), or left in NCHW
+LAYOUTS = ("blocked", "blocked-copies", "nchw")
 
 # (name, factory(target, layout) → pass or None to skip), in order; names are what `dump_after` takes.
 PREPARE_PASSES: list[tuple[str, Callable[[Any, str], Any]]] = [
@@ -61,6 +69,9 @@ PREPARE_PASSES: list[tuple[str, Callable[[Any, str], Any]]] = [
     # weights' layout transforms run once at load.
     ("blocked-layout", _blocked_layout),
     ("normalize", _relax("Normalize")),
+    # LLVM targets: blocked convs and dense layers read the full model's weight in place (shared_weights.py), so
+    # all sub-nets share one copy; before lifting, so no per-sub-net copy is made.
+    ("share-weights", _share_weights),  # (also drops the import's FULL_SHAPES attribute where it does not share)
     # Arithmetic on weights only (BN scale and shift, layout transforms) moves to `<name>_transform_params`.
     ("lift-params", _relax("LiftTransformParams")),
     # Legalize to TIR and fuse (the "zero" pipeline): MetaSchedule extracts 0 tasks before this.
@@ -74,8 +85,8 @@ PREPARE_PASSES: list[tuple[str, Callable[[Any, str], Any]]] = [
 
 def prepare(mod: Any, target: Any, *, layout: str = "blocked", dump_after: str | None = None,
             log: list | None = None) -> Any:
-    """Run `PREPARE_PASSES` under `target`; `layout`: one of `LAYOUTS` ("nchw" is for measuring what the
-    blocked layout buys); `dump_after`: print the module after that pass (debugging); `log`: gets (pass,
+    """Run `PREPARE_PASSES` under `target`; `layout`: one of `LAYOUTS` ("blocked-copies" and "nchw" are for
+    measuring what shared weights and the blocked layout buy); `dump_after`: print the module after that pass (debugging); `log`: gets (pass,
     seconds) per pass."""
     import tvm
 

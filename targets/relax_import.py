@@ -24,6 +24,7 @@ from dyncompile.errors import DyncompileError, one_line
 from dyncompile.ir import DynGraph, SubnetConfig, output_tensors
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_with_indices
+from dyncompile.targets.shared_weights import FULL_SHAPES
 
 __all__ = ["BuildError", "SubnetBuild", "ScaleShiftBatchNorm", "for_inference", "import_subnet"]
 
@@ -50,10 +51,25 @@ class SubnetBuild:
     # tensors only this sub-net uses (its own BatchNorm statistics from search), already cut to its size,
     # keyed as its ParamSlice sources name them (`own_tensor_key`); the deployable stores them beside the full weights
     own_tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    # inputs cut as a prefix of a full-model tensor along every dim: Relax name → the full tensor's shape (what
+    # `targets/shared_weights.py` may read in place instead)
+    full_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def function(self) -> str:
         return self.name
+
+    def share(self, axes_by_input: dict[str, tuple[int, ...]]) -> None:
+        """Inputs the prepared function reads as whole full-model tensors stored with `axes` (shared_weights.py):
+        their recipes become that stored tensor, uncut."""
+        parameters = []
+        for p in self.parameters:
+            axes = axes_by_input.get(p.name)
+            if axes is not None:
+                full = self.full_shapes[p.name]
+                p = ParamSlice(p.name, p.source, (None,) * len(full), tuple(full[a] for a in axes), p.dtype, axes)
+            parameters.append(p)
+        self.parameters = parameters
 
 
 class ScaleShiftBatchNorm(nn.Module):
@@ -148,7 +164,7 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
     embedded = sum(t.numel() * t.element_size() for k, t in state.items() if k not in inputs)
     embedded += sum(t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
     shared_state = shared.gm.state_dict()
-    slices, own = [], {}
+    slices, own, full_shapes = [], {}, {}
     for relax_name, source in names.items():
         value = state[source]
         recipe = recipes.get(source)
@@ -160,9 +176,14 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
             key = own_tensor_key(name, source)
             own[key] = np.ascontiguousarray(value.numpy())
             s = ParamSlice(relax_name, key, (None,) * value.dim(), tuple(value.shape), _dtype_name(value))
+        elif s.is_prefix():
+            full_shapes[relax_name] = tuple(shared_state[source].shape)
         slices.append(s)
     record = SubnetBuild(
         name=name, config=dict(config), macs=macs, params=params, parameters=slices,
         outputs=outputs, embedded_bytes=embedded,
-        import_s=time.perf_counter() - start, own_tensors=own)
-    return func.with_attr("global_symbol", name), record
+        import_s=time.perf_counter() - start, own_tensors=own, full_shapes=full_shapes)
+    func = func.with_attr("global_symbol", name)
+    if full_shapes:
+        func = func.with_attr(FULL_SHAPES, {k: list(v) for k, v in full_shapes.items()})
+    return func, record

@@ -178,8 +178,7 @@ def test_manifest_round_trip(built):
     assert manifest["input"] == {"shape": [1, 3, 32, 32], "dtype": "float32", "batch_size": 1}
     assert manifest["model"] == {"zoo": "resnet20-cifar"}
     assert set(manifest["files"]) == {LIBRARY, WEIGHTS}
-    with np.load(out / WEIGHTS, allow_pickle=False) as npz:
-        full = {k: npz[k] for k in npz.files}
+    full = runtime.read_weights(out, read_manifest(out))  # in the model's layout (views of transposed tensors)
     for record in manifest["subnets"]:
         config = subnets[record["name"]]
         assert record["config"] == config and record["function"] == record["name"]
@@ -191,10 +190,35 @@ def test_manifest_round_trip(built):
         for p_json in record["parameters"]:
             p = ParamSlice.from_json(p_json)
             assert ParamSlice.from_json(json.loads(json.dumps(p.to_json()))) == p
-            assert np.array_equal(p.cut(full[p.source]), state[p.source].numpy()), (record["name"], p.source)
-    # the recipe is what lets narrower sub-nets reuse the full tensors: w50 cuts channels out of them
+            expected = state[p.source].numpy()
+            if p.axes is not None:  # read whole and in place: the kernel takes the sub-net's slice itself
+                expected = full[p.source].transpose(p.axes)
+                assert expected[tuple(slice(0, n) for n in state[p.source].permute(p.axes).shape)].tolist() == \
+                    state[p.source].permute(p.axes).numpy().tolist()
+            assert np.array_equal(p.cut(full[p.source]), expected), (record["name"], p.source)
+    # the recipe is what lets narrower sub-nets reuse the full tensors: w50 cuts BN vectors out of them and reads
+    # every conv and dense weight whole, as the full width does
     w50 = next(r for r in manifest["subnets"] if r["name"] == "w50")
     assert any(i is not None for p in w50["parameters"] for i in p["index"])
+    weights = [p for p in w50["parameters"] if p["source"].endswith("weight") and len(p["shape"]) > 1]
+    assert weights and all(p.get("axes") and p["index"] == [None] * len(p["shape"]) for p in weights)
+    stored = manifest["weights"]["tensors"]
+    assert all(stored[p["source"]]["axes"] == p["axes"] and stored[p["source"]]["shape"] == p["shape"]
+               for p in weights)
+
+
+def test_subnets_read_one_shared_copy_of_each_weight(built):
+    """Issue 11's memory goal: every sub-net's conv and dense weights are the same buffers, so all sub-nets
+    together hold the weights about once (not 1 + 0.56 + 0.25 + 0.06 times)."""
+    dg, _, _, out = built
+    model = runtime.load(out)
+    held = {name: {t.data_ptr(): t.numel() * 4 for t in model.weights_of(name)} for name in model.names}
+    in_every_subnet = set.intersection(*(set(h) for h in held.values()))
+    assert len(in_every_subnet) == 23  # ResNet-20's 21 convs, its classifier's weight and its bias (uncut)
+    everything = {ptr: size for h in held.values() for ptr, size in h.items()}
+    full_bytes = sum(t.numel() * t.element_size() for t in dg.gm.state_dict().values() if t.is_floating_point())
+    assert sum(everything.values()) <= 1.1 * full_bytes
+
 
 
 def test_rewriting_replaces_atomically_and_never_a_foreign_folder(built, tmp_path):

@@ -103,7 +103,7 @@ def test_blocked_layout_lowers_every_conv_to_a_blocked_kernel_and_every_kernel_g
     assert all(is_scheduled(k) for k in kernels(scheduled))
     plain = prepare(tvm.IRModule({"w100": func}), target, layout="nchw")
     assert not any("NCHWc" in g.name_hint for g, _ in plain.functions_items())
-    with pytest.raises(ConfigError, match="unknown layout 'nhwc'; layouts: blocked, nchw"):
+    with pytest.raises(ConfigError, match="unknown layout 'nhwc'; layouts: blocked, blocked-copies, nchw"):
         prepare(tvm.IRModule({"w100": func}), target, layout="nhwc")
 
 
