@@ -33,7 +33,7 @@ from dyncompile.targets import check_board_for, get_target
 from dyncompile.targets.pipeline import (TRANSFORM_SUFFIX, apply_database, compile_module, entry_module,
                                          is_scheduled, kernels, prepare)
 from dyncompile.targets.relax_import import BuildError, SubnetBuild, import_subnet
-from dyncompile.targets.shared_weights import shared_axes
+from dyncompile.targets.shared_weights import shared_layouts
 from dyncompile.targets.tuning import Progress, TuningReport, check_tuning_options, tune, tuning_dir_for
 from dyncompile.workspace import load_workspace
 
@@ -119,7 +119,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     log: list[tuple[str, float]] = []
     mod = prepare(tvm.IRModule(functions), tvm_target, layout=layout, dump_after=dump_after, log=log)
     for record in records:  # inputs now read as whole shared tensors (targets/shared_weights.py)
-        record.share(shared_axes(mod[record.name]))
+        record.share(shared_layouts(mod[record.name]))
     report = None
     if tune_trials:
         report = tune(mod, list(subnets), tvm_target, target, tuning_dir, tune_trials,

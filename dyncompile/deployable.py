@@ -43,7 +43,7 @@ from dyncompile.errors import DyncompileError
 from dyncompile.fileio import check_checksums, fsync_path, read_json, sha256_file, write_atomic, write_errors
 from dyncompile.targets import get_target
 
-__all__ = ["DeployableError", "ParamSlice", "DeployedSubnet", "TargetFacts", "InputSpec", "TensorSpec", "WeightsFile",
+__all__ = ["DeployableError", "StoredLayout", "ParamSlice", "DeployedSubnet", "TargetFacts", "InputSpec", "TensorSpec", "WeightsFile",
            "TuningSummary", "Manifest", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
            "own_tensor_key", "write_deployable", "read_manifest", "record_latencies"]
 
@@ -62,12 +62,47 @@ class DeployableError(DyncompileError):
 
 
 @dataclass(frozen=True)
+class StoredLayout:
+    """How a weight is stored for kernels that read it whole and in place (targets/shared_weights.py): the model's
+    tensor transposed by `axes`, then, with `block`, its last dim split into blocks of `block` moved to the front
+    (a conv weight O,I,KH,KW with axes (1,2,3,0) and block 16: O/16, I, KH, KW, 16)."""
+
+    axes: tuple[int, ...]
+    block: int | None = None
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        out = tuple(full[a] for a in self.axes)
+        return out if self.block is None else (out[-1] // self.block, *out[:-1], self.block)
+
+    def store(self, array: np.ndarray) -> np.ndarray:
+        out = array.transpose(self.axes)
+        if self.block is not None:
+            out = np.moveaxis(out.reshape(*out.shape[:-1], out.shape[-1] // self.block, self.block), -2, 0)
+        return np.ascontiguousarray(out)
+
+    def unstore(self, stored: np.ndarray) -> np.ndarray:
+        """The model's tensor back (a view when there is no block)."""
+        out = stored
+        if self.block is not None:
+            out = np.moveaxis(out, 0, -2)
+            out = out.reshape(*out.shape[:-2], -1)
+        return out.transpose(np.argsort(self.axes))
+
+    def to_json(self) -> dict:
+        return {"axes": list(self.axes), "block": self.block}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> StoredLayout | None:
+        return None if d is None else cls(tuple(d["axes"]), d.get("block"))
+
+
+@dataclass(frozen=True)
 class ParamSlice:
     """One input of a sub-net's Relax function: which full-model tensor it is cut from, and how.
 
     ``index[d]`` lists the kept indices along dim d of the full tensor (None: all of them); the slice is the
     outer product of these lists (``np.take`` dim by dim), exactly the tensor `extract_subnet` produced, then
-    transposed by ``axes`` when given (a whole tensor its kernels read in place: targets/shared_weights.py).
+    put in ``layout`` when given (a whole tensor its kernels read in place: targets/shared_weights.py).
     """
 
     name: str  # the Relax parameter, e.g. "p_layer1_0_conv1_weight"
@@ -75,19 +110,19 @@ class ParamSlice:
     index: tuple[tuple[int, ...] | None, ...]
     shape: tuple[int, ...]
     dtype: str
-    axes: tuple[int, ...] | None = None
+    layout: StoredLayout | None = None
 
     def to_json(self) -> dict:
         out = {"name": self.name, "source": self.source, "shape": list(self.shape), "dtype": self.dtype,
                "index": [None if i is None else list(i) for i in self.index]}
-        if self.axes is not None:
-            out["axes"] = list(self.axes)
+        if self.layout is not None:
+            out["layout"] = self.layout.to_json()
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> ParamSlice:
         return cls(d["name"], d["source"], tuple(None if i is None else tuple(i) for i in d["index"]),
-                   tuple(d["shape"]), d["dtype"], None if d.get("axes") is None else tuple(d["axes"]))
+                   tuple(d["shape"]), d["dtype"], StoredLayout.from_json(d.get("layout")))
 
     def is_prefix(self) -> bool:
         """Whether the cut keeps the first indices along every dim (then a kernel can read it in place)."""
@@ -96,16 +131,18 @@ class ParamSlice:
     @property
     def key(self) -> tuple:
         """Two inputs with the same key are the same tensor: the runtime keeps one copy for both."""
-        return self.source, self.index, self.axes
+        return self.source, self.index, self.layout
+
+    def reads_stored(self, spec: TensorSpec) -> bool:
+        """Whether this input is the stored tensor `spec` describes, as it is (no cut, same layout)."""
+        return self.layout is not None and self.layout == spec.layout and all(i is None for i in self.index)
 
     def cut(self, full: np.ndarray) -> np.ndarray:
         out = full
         for dim, idx in enumerate(self.index):
             if idx is not None:
                 out = np.take(out, idx, axis=dim)
-        if self.axes is not None:
-            out = out.transpose(self.axes)
-        return np.ascontiguousarray(out)
+        return np.ascontiguousarray(out) if self.layout is None else self.layout.store(out)
 
 
 def own_tensor_key(subnet: str, source: str) -> str:
@@ -202,23 +239,23 @@ class InputSpec:
 class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
-    # weights.npz only: the tensor is stored transposed by `axes` (the layout kernels read in place, see
-    # targets/shared_weights.py); `shape` is the stored shape
-    axes: tuple[int, ...] | None = None
+    # weights.npz only: the tensor is stored in the layout kernels read in place (targets/shared_weights.py);
+    # `shape` is the stored shape
+    layout: StoredLayout | None = None
 
     def to_json(self) -> dict:
         out = {"shape": list(self.shape), "dtype": self.dtype}
-        if self.axes is not None:
-            out["axes"] = list(self.axes)
+        if self.layout is not None:
+            out["layout"] = self.layout.to_json()
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        return cls(tuple(d["shape"]), d["dtype"], None if d.get("axes") is None else tuple(d["axes"]))
+        return cls(tuple(d["shape"]), d["dtype"], StoredLayout.from_json(d.get("layout")))
 
     def unstored(self, stored: np.ndarray) -> np.ndarray:
-        """The tensor in the model's own layout, as a view of `stored` (no copy)."""
-        return stored if self.axes is None else stored.transpose(np.argsort(self.axes))
+        """The tensor in the model's own layout (a view of `stored` unless its layout has blocks)."""
+        return stored if self.layout is None else self.layout.unstore(stored)
 
 
 @dataclass(frozen=True)
@@ -413,9 +450,9 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             if clash:
                 raise DeployableError(f"sub-net '{s.name}' tensor '{clash[0]}' clashes with a model tensor name")
             full.update(s.own_tensors)
-        stored_axes = _stored_axes(result.subnets)
-        for name, axes in stored_axes.items():
-            full[name] = np.ascontiguousarray(full[name].transpose(axes))
+        layouts = _stored_layouts(result.subnets)
+        for name, layout in layouts.items():
+            full[name] = layout.store(full[name])
         with open(staging / WEIGHTS, "wb") as f:
             np.savez(f, **full)
         _export_in_child(get_target(result.target_name).export_library, result.executable, staging / LIBRARY)
@@ -428,7 +465,7 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             input=InputSpec(tuple(result.input_shape), result.input_dtype, result.batch_size),
             library=LIBRARY,
             weights=WeightsFile(WEIGHTS, int(sum(a.nbytes for a in full.values())),
-                                {k: TensorSpec(tuple(a.shape), str(a.dtype), stored_axes.get(k))
+                                {k: TensorSpec(tuple(a.shape), str(a.dtype), layouts.get(k))
                                  for k, a in full.items()}),
             tuning=TuningSummary.of(result.tuning),
             latency=None,  # how latency_ms was measured, once a bench recorded it
@@ -460,15 +497,15 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
     return out
 
 
-def _stored_axes(subnets: list) -> dict[str, tuple[int, ...]]:
-    """Tensors to store transposed: those every sub-net reading them whole reads with the same axes (so each
-    sub-net's input is the stored tensor itself, loaded once; see targets/shared_weights.py)."""
-    axes: dict[str, tuple[int, ...] | None] = {}
+def _stored_layouts(subnets: list) -> dict[str, StoredLayout]:
+    """Tensors to store in a kernel's layout: those every sub-net reading them whole reads in the same layout
+    (so each sub-net's input is the stored tensor itself, loaded once; see targets/shared_weights.py)."""
+    layouts: dict[str, StoredLayout | None] = {}
     for s in subnets:
         for p in s.parameters:
-            if p.axes is not None:
-                axes[p.source] = p.axes if axes.get(p.source, p.axes) == p.axes else None
-    return {name: a for name, a in axes.items() if a is not None}
+            if p.layout is not None:
+                layouts[p.source] = p.layout if layouts.get(p.source, p.layout) == p.layout else None
+    return {name: layout for name, layout in layouts.items() if layout is not None}
 
 
 def read_manifest(path: str | Path, *, verify_files: bool = True) -> Manifest:

@@ -309,6 +309,8 @@ def _device_inputs(path: Path, manifest: Manifest, dev: Any) -> dict[str, list]:
     """Every sub-net's inputs on `dev`, one tensor per distinct recipe (`ParamSlice.key`): a weight that sub-nets
     read whole (shared_weights.py) is one buffer for all of them. Read tensor by tensor into aligned memory
     that a CPU device takes over as it is, so loading never holds a second copy of the weights."""
+    import tvm
+
     by_source: dict[str, list] = {}
     for s in manifest.subnets:
         for p in s.parameters:
@@ -324,7 +326,8 @@ def _device_inputs(path: Path, manifest: Manifest, dev: Any) -> dict[str, list]:
                 spec = manifest.weights.tensors[source]
                 stored = _read_aligned(npz, source, spec, path)
                 for p in params:
-                    tensors[p.key] = _on_device(_cut(p, spec.unstored(stored)), stored, dev)
+                    tensors[p.key] = (_on_device(stored, dev) if p.reads_stored(spec)
+                                      else tvm.runtime.tensor(_cut(p, spec.unstored(stored)), dev))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise DeployableError(f"cannot read '{path / WEIGHTS}' ({type(exc).__name__}); rebuild the deployable") \
             from None
@@ -359,14 +362,13 @@ def _cut(p: Any, full: np.ndarray) -> np.ndarray:
     return cut
 
 
-def _on_device(array: np.ndarray, stored: np.ndarray, dev: Any) -> Any:
-    """`array` as a tensor on `dev`: the stored buffer itself when `array` is all of it and `dev` is the CPU."""
+def _on_device(stored: np.ndarray, dev: Any) -> Any:
+    """The stored tensor on `dev`: its own buffer, taken over without a copy, when `dev` is the CPU."""
     import tvm
 
-    whole = array.ctypes.data == stored.ctypes.data and array.nbytes == stored.nbytes and array.flags.c_contiguous
-    if whole and dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
-        return tvm.runtime.from_dlpack(array)
-    return tvm.runtime.tensor(array, dev)
+    if dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
+        return tvm.runtime.from_dlpack(stored)
+    return tvm.runtime.tensor(stored, dev)
 
 
 def read_weights(path: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:

@@ -9,8 +9,9 @@ the build gives every unscheduled kernel a schedule written for its kind:
                                           blocks and the kernel window, the epilogue (BN scale and shift, residual
                                           add, ReLU) applied to the tile while it is in registers, output rows
                                           in parallel
-    one other reduction (+ epilogue)      dense layers, global pooling: the innermost output loop tiled to a few
-                                          vectors accumulated in registers, reduction loops outside it
+    one other reduction (+ epilogue)      dense layers, pooling: the innermost output loop tiled to a few vectors
+                                          (pooling in NCHW[b]c: a row of pixels × one channel block) accumulated in
+                                          registers, reduction loops outside it
     anything else                         leading spatial loops fused and run in parallel
 
     mod = default_schedules(target)(mod)   # a module pass; kernels already scheduled (tuned) are left alone
@@ -50,6 +51,7 @@ def _spatial_count(sch: Any, block: Any) -> int:
     return count
 
 
+PAD_IN_PLACE_MAX_WINDOW = 9  # conv windows up to 3×3 read their padding in place; larger ones from a padded copy
 PARALLEL_MIN_ELEMENTS = 4096  # below this a kernel's loops run on one thread: waking the pool costs more
 
 
@@ -107,6 +109,7 @@ def _schedule_conv2d_nchwc(sch: Any, conv: Any, lanes: int, cores: int) -> None:
     ow_outer, ow_inner = sch.split(ow, [None, rows])
     if len(loops) == 8:  # conv2d_NCHWc: reduce over input channels and the window
         ic, kh, kw = loops[5:]
+        window = _extent(sch, kh) * _extent(sch, kw)
         data_block = int(sch.get(conv).reads[0].source.shape[-1])  # NCHW[b]c: the input's channel block
         ic_outer, ic_inner = sch.split(ic, [None, data_block])
         if rows < 8 and _extent(sch, oc_chunk) % 2 == 0:
@@ -118,18 +121,24 @@ def _schedule_conv2d_nchwc(sch: Any, conv: Any, lanes: int, cores: int) -> None:
         else:
             sch.reorder(n, oc_chunk, oh, ow_outer, ic_outer, kh, ic_inner, kw, ow_inner, oc_block)
         reduction_start = ic_outer
-    else:  # depthwise: the window only
+    else:  # depthwise: the window only (padding read in place: a copy was not measured there)
         kh, kw = loops[5:]
+        window = 0
         sch.reorder(n, oc_chunk, oh, ow_outer, kh, kw, ow_inner, oc_block)
         reduction_start = kh
     parallel = sch.fuse(n, oc_chunk, oh)
     if cores > 1:
         sch.parallel(parallel)
     sch.reverse_compute_at(epilogue, ow_outer)
-    # the padding is read in place (a bounds check the unrolled window mostly folds away): a separate padded
-    # copy costs a second parallel region and a pass over memory per kernel, measured slower on ResNet-20
+    # 3×3 windows read the padding in place (a bounds check the unrolled window mostly folds away): a separate
+    # padded copy costs a second parallel region and a pass over memory, measured slower on ResNet-20 and on
+    # ResNet-18's 512-channel 3×3 (1.06 → 1.24 ms). Larger windows pay for the copy: ResNet-18's 7×7 stride-2
+    # stem 1.61 → 1.28 ms with it.
     for producer in producers:
-        sch.compute_inline(producer)
+        if sch.get(producer).name_hint == "data_pad" and window > PAD_IN_PLACE_MAX_WINDOW:
+            _parallel_spatial(sch, producer, cores)
+        else:
+            sch.compute_inline(producer)
     sch.set_scope(conv, 0, "local")
     sch.vectorize(oc_block)
     sch.unroll(ow_inner)
@@ -156,13 +165,26 @@ def _schedule_reduction(sch: Any, reduction: Any, lanes: int, cores: int) -> Non
     last = _extent(sch, spatial[-1])
     tile = largest_divisor(last, 4 * lanes)
     tile_outer, tile_inner = sch.split(spatial[-1], [None, tile])
-    sch.reorder(*spatial[:-1], tile_outer, *reduce, tile_inner)
-    outer = sch.fuse(*spatial[:-1], tile_outer) if len(spatial) > 1 else tile_outer
+    # a blocked window reduction (max/avg pooling in NCHW[b]c: the innermost loop is one channel block): a row
+    # of output pixels per tile too, so one loop over the window updates `rows` vectors held in registers
+    # (ResNet-18's 3×3 stride-2 max-pool in isolation: 180 → 54 µs)
+    rows = register_rows(_extent(sch, spatial[-2]), lanes) if len(spatial) > 1 and tile == last <= lanes else 1
+    row_tile = []
+    if rows > 1:
+        row_outer, row_inner = sch.split(spatial[-2], [None, rows])
+        spatial = [*spatial[:-2], row_outer]
+        row_tile = [row_inner]
+    else:
+        spatial = spatial[:-1]
+    sch.reorder(*spatial, tile_outer, *reduce, *row_tile, tile_inner)
+    outer = sch.fuse(*spatial, tile_outer) if spatial else tile_outer
     if cores > 1 and _extent(sch, outer) >= 2 and elements >= PARALLEL_MIN_ELEMENTS // 16:
         sch.parallel(outer)
     sch.reverse_compute_at(epilogue, outer)
     sch.set_scope(reduction, 0, "local")
     sch.vectorize(tile_inner)
+    for loop in row_tile:
+        sch.unroll(loop)
     init = sch.decompose_reduction(reduction, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
     _register_tile_epilogue(sch, epilogue, 1)

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dyncompile.deployable import ParamSlice, TensorSpec, own_tensor_key
+from dyncompile.deployable import ParamSlice, StoredLayout, TensorSpec, own_tensor_key
 from dyncompile.errors import DyncompileError, one_line
 from dyncompile.ir import DynGraph, SubnetConfig, output_tensors
 from dyncompile.measure import count_macs, count_params
@@ -59,15 +59,15 @@ class SubnetBuild:
     def function(self) -> str:
         return self.name
 
-    def share(self, axes_by_input: dict[str, tuple[int, ...]]) -> None:
-        """Inputs the prepared function reads as whole full-model tensors stored with `axes` (shared_weights.py):
-        their recipes become that stored tensor, uncut."""
+    def share(self, layouts: dict[str, StoredLayout]) -> None:
+        """Inputs the prepared function reads as whole full-model tensors stored in `layouts[input]`
+        (shared_weights.py): their recipes become that stored tensor, uncut."""
         parameters = []
         for p in self.parameters:
-            axes = axes_by_input.get(p.name)
-            if axes is not None:
+            layout = layouts.get(p.name)
+            if layout is not None:
                 full = self.full_shapes[p.name]
-                p = ParamSlice(p.name, p.source, (None,) * len(full), tuple(full[a] for a in axes), p.dtype, axes)
+                p = ParamSlice(p.name, p.source, (None,) * len(full), layout.shape(full), p.dtype, layout)
             parameters.append(p)
         self.parameters = parameters
 

@@ -3,43 +3,50 @@
 Without this, each sub-net's `_transform_params` made its own blocked copy of its slice at load: a ResNet-18
 deployable of four widths held 2.4× its weights resident (issue 11's memory goal is 1.1×). Here a sub-net's
 slice of a weight is a prefix of the full tensor along every dim (channel groups are kept as prefixes), so
-its kernel can read the full tensor directly if that tensor is stored with the output channels last:
+its kernel can read the full tensor directly if that tensor is stored with the output channels innermost:
 
-    conv weight  (O, I, KH, KW) stored as (I, KH, KW, O)   axes CONV_STORE_AXES; depthwise (C, 1, KH, KW) alike
-    dense weight (O, I)         stored as (I, O)           axes DENSE_STORE_AXES
+    conv weight  (O, I, KH, KW) stored as (O/B, I, KH, KW, B)  when every sub-net's conv uses output block B
+                                       or (I, KH, KW, O)       otherwise; depthwise (C, 1, KH, KW) the second way
+    dense weight (O, I)         stored as (I, O)
 
-A blocked conv (NCHW[b]c, `blocked_layout.py`) reads `store[ic, kh, kw, oc_chunk·b + oc_block]`: the `b` output
-channels of its vector are contiguous whatever the sub-net's width, so the register-blocked default schedule runs
-as on packed blocks (measured per conv: within 3% of packed, ResNet-18 shapes, widths 1 to 0.25). The deployable
-stores each such tensor once in that layout and `runtime.load` hands the same buffer to every sub-net.
+A blocked conv (NCHW[b]c, `blocked_layout.py`) then reads `store[oc_chunk, ic, kh, kw, oc_block]` (its block's
+weights one contiguous run, as in a packed copy) or `store[ic, kh, kw, oc_chunk·b + oc_block]` (the `b` output
+channels of its vector contiguous whatever the sub-net's width). The deployable stores each such tensor once in
+that layout (`deployable.StoredLayout`) and `runtime.load` hands the same buffer to every sub-net.
 
     mod = share_weights()(mod)   # after blocked-layout, before lift-params; functions need FULL_SHAPES
 
 A weight is shared only when every use of it is a conv or dense this pass rewrites; any other use keeps the
-per-sub-net copy. The rewritten function records what it shares in its `SHARED` attribute (param → axes).
+per-sub-net copy. The rewritten function records what it shares in its `SHARED` attribute (param → axes and
+block; `shared_layouts` reads it).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from dyncompile.deployable import StoredLayout
 from dyncompile.targets.blocked_layout import BLOCKED, DEPTHWISE_BLOCK
 
-__all__ = ["FULL_SHAPES", "SHARED", "CONV_STORE_AXES", "DENSE_STORE_AXES", "share_weights", "shared_axes",
+__all__ = ["FULL_SHAPES", "SHARED", "CONV_STORE_AXES", "DENSE_STORE_AXES", "share_weights", "shared_layouts",
            "conv2d_nchwc_from_store", "depthwise_nchwc_from_store", "dense_from_store"]
 
 FULL_SHAPES = "dyncompile_full_shapes"  # function attr from import: weight param → full tensor's shape (prefix cuts)
-SHARED = "dyncompile_shared_weights"  # function attr from this pass: weight param → axes of its stored tensor
+SHARED = "dyncompile_shared_weights"  # function attr from this pass: weight param → [*axes, block or 0]
 CONV_STORE_AXES = (1, 2, 3, 0)
 DENSE_STORE_AXES = (1, 0)
 
 
-def shared_axes(func: Any) -> dict[str, tuple[int, ...]]:
-    """What `share_weights` shared in `func` (a Relax function): param name → axes of the stored tensor."""
+def shared_layouts(func: Any) -> dict[str, StoredLayout]:
+    """What `share_weights` shared in `func` (a Relax function): param name → layout of the stored tensor."""
     attrs = func.attrs
     if attrs is None or SHARED not in attrs:
         return {}
-    return {str(k): tuple(int(a) for a in v) for k, v in attrs[SHARED].items()}
+    layouts = {}
+    for name, value in attrs[SHARED].items():
+        *axes, block = (int(v) for v in value)
+        layouts[str(name)] = StoredLayout(tuple(axes), block or None)
+    return layouts
 
 
 def _pad(data: Any, padding: tuple[int, int, int, int]) -> Any:
@@ -59,14 +66,15 @@ def _int64(*values: int) -> tuple:
 
 
 class _Window:
-    """The sliding window of a conv over blocked `data` (N, C/b, H, W, b) with `store`'s kernel size: the padded
-    input, the output size, the window's reduction axes, and where output pixel (y, x) reads at (kh, kw)."""
+    """The sliding window of a conv over blocked `data` (N, C/b, H, W, b) with a kernel of `kernel_shape`
+    (·, KH, KW, ·): the padded input, the output size, the window's reduction axes, and where output pixel
+    (y, x) reads at (kh, kw)."""
 
-    def __init__(self, data: Any, store: Any, strides: tuple, padding: tuple, dilation: tuple):
+    def __init__(self, data: Any, kernel_shape: Any, strides: tuple, padding: tuple, dilation: tuple):
         from tvm import te
 
         _, _, height, width, _ = (int(d) for d in data.shape)
-        _, kernel_h, kernel_w, _ = (int(d) for d in store.shape)
+        _, kernel_h, kernel_w, _ = (int(d) for d in kernel_shape)
         (self.stride_h, self.stride_w), (self.dilation_h, self.dilation_w) = strides, dilation
         top, left, bottom, right = padding
         self.padded = _pad(data, padding)
@@ -85,18 +93,23 @@ class _Window:
 def conv2d_nchwc_from_store(data: Any, store: Any, out_channels: int, out_block: int, strides: tuple,
                             padding: tuple, dilation: tuple, out_dtype: str) -> Any:
     """TE compute of a blocked conv (data N, C/b, H, W, b) reading the first `out_channels` outputs and the
-    data's input channels of `store` (I_full, KH, KW, O_full); the reduction is named like topi's
-    `conv2d_NCHWc` so the default schedules and tuning treat it the same."""
+    data's input channels of `store`: (O_full/out_block, I_full, KH, KW, out_block) or (I_full, KH, KW, O_full).
+    The reduction is named like topi's `conv2d_NCHWc` so the default schedules and tuning treat it the same."""
     from tvm import te
 
     _, in_chunks, _, _, in_block = (int(d) for d in data.shape)
-    w = _Window(data, store, strides, padding, dilation)
+    blocked = len(store.shape) == 5
+    w = _Window(data, store.shape[1:] if blocked else store.shape, strides, padding, dilation)
     ic = te.reduce_axis((0, in_chunks * in_block), name="ic")
+
+    def weight(oc: Any, ob: Any) -> Any:
+        return store[oc, ic, w.kh, w.kw, ob] if blocked else store[ic, w.kh, w.kw, oc * out_block + ob]
+
     return te.compute(
         (data.shape[0], *_int64(out_channels // out_block, w.out_h, w.out_w, out_block)),
         lambda n, oc, y, x, ob: te.sum(
             w.padded[n, ic // in_block, w.row(y), w.column(x), ic % in_block].astype(out_dtype)
-            * store[ic, w.kh, w.kw, oc * out_block + ob].astype(out_dtype), axis=[ic, w.kh, w.kw]),
+            * weight(oc, ob).astype(out_dtype), axis=[ic, w.kh, w.kw]),
         name="conv2d_NCHWc")
 
 
@@ -106,7 +119,7 @@ def depthwise_nchwc_from_store(data: Any, store: Any, strides: tuple, padding: t
     from tvm import te
 
     block = int(data.shape[4])
-    w = _Window(data, store, strides, padding, dilation)
+    w = _Window(data, store.shape, strides, padding, dilation)
     return te.compute(
         (data.shape[0], data.shape[1], *_int64(w.out_h, w.out_w, block)),
         lambda n, c, y, x, b: te.sum(
@@ -139,6 +152,7 @@ class _Plan:
                        if p.name in full_shapes}
         self.weight_of: dict[Any, Any] = {}  # var bound to the transformed weight → its param
         self.kind: dict[Any, str] = {}  # param → "conv" | "depthwise" | "dense"
+        self.out_blocks: dict[Any, set[int]] = {}  # param of a conv → the output channel blocks it is read in
         rewritable: dict[Any, bool] = {p: True for p in self.params}
         bindings = [b for block in func.body.blocks for b in block.bindings]
         bound = {b.var: b.value for b in bindings}
@@ -158,6 +172,8 @@ class _Plan:
                         rewritable[p] = False
                     else:
                         self.kind[p] = kind
+                        if kind == "conv":
+                            self.out_blocks.setdefault(p, set()).add(int(value.ty.shape[4]))
         for var in relax.analysis.free_vars(func.body.body):
             if var in self.params:
                 rewritable[var] = False
@@ -218,14 +234,26 @@ def _conv_kind(call: Any) -> str | None:
     return "depthwise" if groups == data_channels else None
 
 
-def _store_shape(full: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    axes = DENSE_STORE_AXES if kind == "dense" else CONV_STORE_AXES
-    return tuple(full[a] for a in axes), axes
+def _conv_blocks(plans: list[_Plan]) -> dict[str, int]:
+    """Conv weights (by param name, the same in every sub-net) that every sub-net reads in one output block B
+    dividing the full output channels: stored as (O/B, I, KH, KW, B), each block's weights one contiguous run."""
+    blocks: dict[str, set[int]] = {}
+    outputs: dict[str, int] = {}
+    for plan in plans:
+        for p in plan.shared:
+            if plan.kind[p] == "conv":
+                blocks.setdefault(p.name, set()).update(plan.out_blocks[p])
+                outputs[p.name] = plan.params[p][0]
+    return {name: next(iter(b)) for name, b in blocks.items() if len(b) == 1 and outputs[name] % next(iter(b)) == 0}
+
+
+def _layout(kind: str, block: int | None) -> StoredLayout:
+    return StoredLayout(DENSE_STORE_AXES if kind == "dense" else CONV_STORE_AXES, block if kind == "conv" else None)
 
 
 def share_weights(rewrite: bool = True) -> Any:
     """Relax pass: in every function with `FULL_SHAPES`, blocked convs and dense layers whose weight is a prefix
-    of a full-model tensor read that tensor (stored output-channels-last) instead of a transformed copy.
+    of a full-model tensor read that tensor (stored output channels innermost) instead of a transformed copy.
     `rewrite=False` (targets that keep their own layouts: cuda, or `--layout nchw`) only drops the attribute."""
     import tvm
     from tvm import relax, te
@@ -272,35 +300,35 @@ def share_weights(rewrite: bool = True) -> Any:
             gvar = self.builder_.add_func(prim, name)
             return relax.call_tir(gvar, [data, store], out_ty=relax.TensorType(out.shape, out_dtype))
 
-        def rewrite(self, func: Any, full_shapes: dict) -> Any:
-            self.plan = _Plan(func, full_shapes)
+        def rewrite(self, func: Any, plan: _Plan, blocks: dict[str, int]) -> Any:
+            self.plan = plan
             self.stores = {}
             shared = {}
-            for p in self.plan.shared:
-                shape, axes = _store_shape(self.plan.params[p], self.plan.kind[p])
-                self.stores[p] = relax.Var(p.name, relax.TensorType(shape, str(p.ty.dtype)))
-                shared[p.name] = axes
+            for p in plan.shared:
+                layout = _layout(plan.kind[p], blocks.get(p.name))
+                self.stores[p] = relax.Var(p.name, relax.TensorType(layout.shape(plan.params[p]), str(p.ty.dtype)))
+                shared[p.name] = [*layout.axes, layout.block or 0]
             if not shared:
                 return None
             body = self.visit_with_new_scope(func.body)
             params = [self.stores.get(p, p) for p in func.params]
             attrs = dict(func.attrs.items()) if func.attrs is not None else {}
             attrs.pop(FULL_SHAPES, None)
-            attrs[SHARED] = {k: list(v) for k, v in shared.items()}
+            attrs[SHARED] = shared
             return relax.Function(params, body, func.ret_ty, func.is_pure,
                                   tvm.ir.make_node("ir.DictAttrs", **attrs), func.span)
 
     @tvm.transform.module_pass(opt_level=0, name="DyncompileShareWeights")
     def apply(mod: Any, _ctx: Any) -> Any:
+        functions = [(gvar, func) for gvar, func in mod.functions_items()
+                     if isinstance(func, relax.Function) and func.attrs is not None and FULL_SHAPES in func.attrs]
+        plans = [_Plan(func, {str(k): _ints(v) for k, v in func.attrs[FULL_SHAPES].items()}) if rewrite else None
+                 for _, func in functions]
+        blocks = _conv_blocks([p for p in plans if p is not None])  # one decision for all sub-nets
         mutator = ReadFromStore(mod)
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or func.attrs is None or FULL_SHAPES not in func.attrs:
-                continue
-            full_shapes = {str(k): _ints(v) for k, v in func.attrs[FULL_SHAPES].items()}
-            new = mutator.rewrite(func, full_shapes) if rewrite else None
-            if new is None:
-                new = func.without_attr(FULL_SHAPES)
-            mutator.builder_.update_func(gvar, new)
+        for (gvar, func), plan in zip(functions, plans):
+            new = mutator.rewrite(func, plan, blocks) if plan is not None else None
+            mutator.builder_.update_func(gvar, new if new is not None else func.without_attr(FULL_SHAPES))
         return mutator.builder_.get()
 
     return apply

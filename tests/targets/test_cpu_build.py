@@ -191,19 +191,19 @@ def test_manifest_round_trip(built):
             p = ParamSlice.from_json(p_json)
             assert ParamSlice.from_json(json.loads(json.dumps(p.to_json()))) == p
             expected = state[p.source].numpy()
-            if p.axes is not None:  # read whole and in place: the kernel takes the sub-net's slice itself
-                expected = full[p.source].transpose(p.axes)
-                assert expected[tuple(slice(0, n) for n in state[p.source].permute(p.axes).shape)].tolist() == \
-                    state[p.source].permute(p.axes).numpy().tolist()
+            if p.layout is not None:  # read whole and in place: the kernel takes the sub-net's corner itself
+                expected = p.layout.store(full[p.source])
+                corner = tuple(slice(0, n) for n in state[p.source].shape)
+                assert np.array_equal(p.layout.unstore(expected)[corner], state[p.source].numpy())
             assert np.array_equal(p.cut(full[p.source]), expected), (record["name"], p.source)
     # the recipe is what lets narrower sub-nets reuse the full tensors: w50 cuts BN vectors out of them and reads
     # every conv and dense weight whole, as the full width does
     w50 = next(r for r in manifest["subnets"] if r["name"] == "w50")
     assert any(i is not None for p in w50["parameters"] for i in p["index"])
     weights = [p for p in w50["parameters"] if p["source"].endswith("weight") and len(p["shape"]) > 1]
-    assert weights and all(p.get("axes") and p["index"] == [None] * len(p["shape"]) for p in weights)
+    assert weights and all(p.get("layout") and all(i is None for i in p["index"]) for p in weights)
     stored = manifest["weights"]["tensors"]
-    assert all(stored[p["source"]]["axes"] == p["axes"] and stored[p["source"]]["shape"] == p["shape"]
+    assert all(stored[p["source"]]["layout"] == p["layout"] and stored[p["source"]]["shape"] == p["shape"]
                for p in weights)
 
 

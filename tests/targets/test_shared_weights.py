@@ -4,10 +4,10 @@ kernels reading them compute what the per-sub-net copies computed."""
 import numpy as np
 import pytest
 
-from dyncompile.deployable import ParamSlice
+from dyncompile.deployable import ParamSlice, StoredLayout
 from dyncompile.targets.blocked_layout import BLOCKED_LEGALIZE
 from dyncompile.targets.cpu import tvm_target
-from dyncompile.targets.shared_weights import CONV_STORE_AXES, FULL_SHAPES, share_weights, shared_axes
+from dyncompile.targets.shared_weights import CONV_STORE_AXES, FULL_SHAPES, share_weights, shared_layouts
 
 tvm = pytest.importorskip("tvm")
 relax = tvm.relax
@@ -46,28 +46,42 @@ def test_a_weight_read_only_by_blocked_convs_becomes_the_full_stored_tensor_and_
     original = _function(extra_use=False)
     shared = share_weights()(original)
     func = shared["sub"]
-    assert shared_axes(func) == {"p_w": CONV_STORE_AXES}
-    assert tuple(int(d) for d in func.params[1].ty.shape) == (32, 3, 3, 32)  # (I, KH, KW, O) of the FULL tensor
+    layout = StoredLayout(CONV_STORE_AXES, 16)  # every sub-net (here: one) reads it in 16-channel output blocks
+    assert shared_layouts(func) == {"p_w": layout}
+    assert tuple(int(d) for d in func.params[1].ty.shape) == (2, 32, 3, 3, 16)  # (O/16, I, KH, KW, 16) of FULL
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 1, 8, 8, 16)).astype("float32")
     full = rng.standard_normal(FULL).astype("float32")
-    store = ParamSlice("p_w", "w", (None,) * 4, (32, 3, 3, 32), "float32", CONV_STORE_AXES).cut(full)
+    store = ParamSlice("p_w", "w", (None,) * 4, (2, 32, 3, 3, 16), "float32", layout).cut(full)
+    assert np.array_equal(layout.unstore(store), full)
     copy = ParamSlice("p_w", "w", (tuple(range(16)), tuple(range(16)), None, None), (16, 16, 3, 3), "float32")
     expected = _run(original, x, copy.cut(full))
     np.testing.assert_allclose(_run(shared, x, store), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [None, 16])
+def test_stored_layouts_round_trip(block):
+    full = np.random.default_rng(1).standard_normal((32, 8, 3, 3)).astype("float32")
+    layout = StoredLayout(CONV_STORE_AXES, block)
+    stored = layout.store(full)
+    assert stored.shape == layout.shape(full.shape) and np.array_equal(layout.unstore(stored), full)
+    # a sub-net's 16 output channels and 4 input channels are a corner of the stored tensor
+    corner = stored[0, :4] if block else stored[:4, :, :, :16]
+    assert np.array_equal(corner, StoredLayout(CONV_STORE_AXES, block).store(full[:16, :4])[0] if block
+                          else full[:16, :4].transpose(CONV_STORE_AXES))
+
+
 def test_a_weight_anything_else_reads_keeps_its_own_copy():
     shared = share_weights()(_function(extra_use=True))
     func = shared["sub"]
-    assert shared_axes(func) == {}
+    assert shared_layouts(func) == {}
     assert tuple(int(d) for d in func.params[1].ty.shape) == (16, 16, 3, 3)
     assert FULL_SHAPES not in (func.attrs or {})
 
 
 def test_share_weights_off_only_drops_the_import_attribute():
     func = share_weights(rewrite=False)(_function(extra_use=False))["sub"]
-    assert shared_axes(func) == {} and FULL_SHAPES not in (func.attrs or {})
+    assert shared_layouts(func) == {} and FULL_SHAPES not in (func.attrs or {})
     assert tuple(int(d) for d in func.params[1].ty.shape) == (16, 16, 3, 3)
 
 
