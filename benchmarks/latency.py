@@ -13,6 +13,7 @@ Every output is checked against PyTorch (max error printed; the run fails above 
 
     .venv/bin/python benchmarks/latency.py                                   # all models, batch 1 and 8
     .venv/bin/python benchmarks/latency.py --models resnet20-fashion --batches 1 --layout nchw   # the old layout
+    .venv/bin/python benchmarks/latency.py --models resnet18-tiny-224 --batches 1 --group-multiple 16
     .venv/bin/python benchmarks/latency.py --models resnet20-cifar --tune-minutes 10 --workspace /tmp/ws
 """
 
@@ -70,7 +71,7 @@ def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
     factory, input_shape = MODELS[key]
     torch.manual_seed(0)
     model = factory().eval()
-    dg = analyse_model(model, input_shape, groups=8)
+    dg = analyse_model(model, input_shape, groups=8, group_multiple=args.group_multiple)
     subnets = uniform_subnets(dg)
     tuned = bool(args.tune_trials or args.tune_minutes)
     start = time.perf_counter()
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, default=Path("/tmp/dyncompile-latency"),
                         help="holds the tuning databases (<workspace>/<model>/tuning/cpu)")
     parser.add_argument("--layout", default="blocked", choices=pipeline.LAYOUTS)
+    parser.add_argument("--group-multiple", type=int, default=1, help="channel groups sized to this multiple "
+                                                                     "(convert --group-multiple)")
     parser.add_argument("--repeats", type=int, default=100, help="timed calls per engine and sub-net")
     parser.add_argument("--peak-gflops", type=float, default=PEAK_GFLOPS)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")

@@ -81,6 +81,7 @@ class DynGraph:
     sets: list[ChannelSet] = field(default_factory=list)
     fixed_reasons: list[str] = field(default_factory=list)  # why channels were kept at full width
     num_groups: int = 0
+    group_multiple: int = 1  # every group a multiple of this many channels where a set allows (passes/group.py)
     trace_mode: str = "symbolic"
     leaf_modules: tuple[str, ...] = ()  # submodules kept opaque (--leaf): not traced, kept at full width
 

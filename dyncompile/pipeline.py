@@ -28,22 +28,23 @@ __all__ = ["AnalysisOptions", "analyse_model", "ANALYSIS_PASSES"]
 class AnalysisOptions:
     groups: int = 8  # channel groups per free channel set
     grouped_conv_mode: str = "auto"  # see passes.couple.GROUPED_CONV_MODES
+    group_multiple: int = 1  # each group a multiple of this many channels (passes.group)
 
 
 # (name, what it does in words for progress lines, the pass); every pass takes (DynGraph, AnalysisOptions)
 ANALYSIS_PASSES: list[tuple[str, str, Callable[[DynGraph, AnalysisOptions], DynGraph]]] = [
     ("lift", "lifting functional layers", lambda dg, o: lift_functional_layers(dg)),
     ("couple", "analysing channel couplings", lambda dg, o: couple(dg, o.grouped_conv_mode)),
-    ("group", "grouping channels", lambda dg, o: group(dg, o.groups)),
+    ("group", "grouping channels", lambda dg, o: group(dg, o.groups, o.group_multiple)),
 ]
 
 
 def analyse_model(model: nn.Module, input_shape: tuple[int, ...], groups: int = 8, leaf_modules: tuple[str, ...] = (),
                   grouped_conv_mode: str = "auto", dump_after: str | None = None,
-                  step: Callable[[str], None] = lambda _: None) -> DynGraph:
+                  step: Callable[[str], None] = lambda _: None, group_multiple: int = 1) -> DynGraph:
     """trace → lift → couple → group. `dump_after`: print the DynGraph's sets after that pass (debugging); `step` is told
     what runs next (progress)."""
-    options = AnalysisOptions(groups, grouped_conv_mode)
+    options = AnalysisOptions(groups, grouped_conv_mode, group_multiple)
     step("tracing")
     dg = trace(model, tuple(input_shape), tuple(leaf_modules))
     for name, doing, run_pass in ANALYSIS_PASSES:

@@ -81,6 +81,7 @@ def _save_workspace(path: Path, dg: DynGraph, source: ModelSource, reference: tu
             "model": source.to_json(),
             "input_shape": list(dg.input_shape),
             "groups": dg.num_groups,
+            "group_multiple": dg.group_multiple,
             "leaf_modules": list(leaf_modules),
             "external_modules": sorted(external),
             "grouped_conv_mode": grouped_conv_mode,
@@ -143,7 +144,7 @@ def load_workspace(path: str | Path = DEFAULT_WORKSPACE) -> Workspace:
     gm = load_graph_module(path, name="graph", external=_rebuild_external(spec))
     dg = DynGraph(gm=gm, input_shape=tuple(spec["input_shape"]), trace_mode=spec["trace_mode"],
                   leaf_modules=tuple(spec["leaf_modules"]))
-    options = AnalysisOptions(spec["groups"], spec["grouped_conv_mode"])
+    options = AnalysisOptions(spec["groups"], spec["grouped_conv_mode"], spec.get("group_multiple", 1))
     for _, _, run_pass in ANALYSIS_PASSES:  # the stored graph is already lifted: this redoes the analysis
         dg = run_pass(dg, options)
     stored = [(s["name"], s["producers"], s["class_ids"], s["group_class_ids"]) for s in spec["sets"]]

@@ -6,7 +6,8 @@ would hand the whole prefix to one piece and starve another. So each class is ra
 position inside every tensor it appears in (the minimum), ties broken by the canonical order: every piece
 then keeps a share of its channels proportional to the width. Where one group cannot serve every piece (a
 4-group shuffle feeding a chunk), the first group grows until it does. A set with fewer classes than G gets one group
-per class; a single class cannot be slimmed (reported as not free).
+per class; a single class cannot be slimmed (reported as not free). With a group multiple m (`convert
+--group-multiple`), the split is over runs of m classes, so narrow sets get fewer groups of m channels each.
 """
 
 from __future__ import annotations
@@ -46,21 +47,25 @@ def _rank_classes(vectors: list[torch.Tensor]) -> dict[int, float]:
     return rank
 
 
-def group(dg: DynGraph, num_groups: int = 8) -> DynGraph:
-    """Order and split every set of `dg` (after `couple`) into at most `num_groups` groups."""
+def group(dg: DynGraph, num_groups: int = 8, multiple: int = 1) -> DynGraph:
+    """Order and split every set of `dg` (after `couple`) into at most `num_groups` groups, each a multiple of
+    `multiple` channels where the set allows (its last group takes the remainder): sub-nets then have channel
+    counts that fill the target's vector registers, at the price of fewer, coarser groups in narrow sets."""
     if num_groups < 1:
         raise ConfigError(f"--groups must be at least 1 (got {num_groups})")
+    if multiple < 1:
+        raise ConfigError(f"--group-multiple must be at least 1 (got {multiple})")
     widest = max((s.channels for s in dg.sets), default=0)
     if dg.sets and num_groups > widest:
         raise ConfigError(f"--groups {num_groups} exceeds the widest layer's {widest} channels; use at most {widest}")
-    dg.num_groups = num_groups
+    dg.num_groups, dg.group_multiple = num_groups, multiple
     vectors = _channel_vectors(dg)
     rank = _rank_classes(vectors)
     first = _first_producer_classes(dg)
     for s in dg.sets:
         # unused classes (rank 2.0: computed but read by no layer) go last, so they are dropped first
         s.classes = sorted(s.classes, key=lambda c, order={c: i for i, c in enumerate(s.classes)}: (rank.get(c, 2.0), order[c]))
-        s.groups = _split(s.classes, num_groups, _first_group_minimum(s.classes, vectors))
+        s.groups = _split_in_multiples(s.classes, num_groups, _first_group_minimum(s.classes, vectors), multiple)
         s.group_channels = [int(np.isin(first[s.name], g).sum()) for g in s.groups]
     _check_no_tensor_starves(dg, vectors)
     return dg
@@ -89,6 +94,16 @@ def _split(classes: list[int], num_groups: int, first_at_least: int) -> list[lis
     if not rest:
         return [first]
     return [first] + [p.tolist() for p in np.array_split(np.asarray(rest, dtype=np.int64), min(count - 1, len(rest))) if len(p)]
+
+
+def _split_in_multiples(classes: list[int], num_groups: int, first_at_least: int, multiple: int) -> list[list[int]]:
+    """`_split` over runs of `multiple` consecutive classes (the last run may be shorter), so every group but
+    the last holds a multiple of `multiple` classes."""
+    if multiple == 1:
+        return _split(classes, num_groups, first_at_least)
+    runs = [classes[i:i + multiple] for i in range(0, len(classes), multiple)]
+    parts = _split(list(range(len(runs))), num_groups, -(-first_at_least // multiple))
+    return [[c for r in part for c in runs[r]] for part in parts]
 
 
 def _check_no_tensor_starves(dg: DynGraph, vectors: list[torch.Tensor]) -> None:

@@ -194,3 +194,18 @@ def test_user_mistakes_exit_2_and_dyncompile_bugs_exit_3(workspace, monkeypatch,
     assert "Traceback" not in result.output
     if code == 3:
         assert "a dyncompile bug" in result.stderr
+
+
+def test_convert_group_multiple_sizes_groups_and_survives_reloading(tmp_path):
+    ws = tmp_path / "w8"
+    result = run("convert", FACTORY, "--input-shape", SHAPE, "--workspace", ws, "--group-multiple", "8", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert any("--group-multiple 8" in note for note in summary["notes"])  # what it cost in granularity
+    from dyncompile.workspace import load_workspace
+
+    dg = load_workspace(ws).dg  # the analysis is redone on load with the same multiple
+    assert dg.group_multiple == 8
+    assert all(c % 8 == 0 for s in dg.free_sets for c in s.group_channels)  # ResNet-20: 16, 32, 64 channels
+    assert_one_line_error(run("convert", FACTORY, "--input-shape", SHAPE, "--workspace", tmp_path / "x",
+                              "--group-multiple", "none"), "--group-multiple")

@@ -80,3 +80,26 @@ def test_group_counts(groups):
         assert sum(len(g) for g in s.groups) == len(s.classes)
         assert len(s.groups) <= groups
     assert all(r.ok for r in verify(dg, [1.0, 0.5]))
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_group_multiple_sizes_every_group_but_the_last_to_the_multiple(multiple):
+    """convert --group-multiple: sub-nets keep channel counts that fill a vector (a set of 12 with multiple 8:
+    groups of 8 and 4), narrow sets get fewer groups, and every width still extracts exactly."""
+    dg = analyse_model(Mixed().eval(), (1, 3, 32, 32), groups=8, group_multiple=multiple)
+    assert dg.group_multiple == multiple
+    for s in dg.free_sets:
+        assert sum(len(g) for g in s.groups) == len(s.classes)
+        assert all(len(g) % multiple == 0 for g in s.groups[:-1]), (s.name, s.group_channels)
+        assert len(s.groups) <= max(1, -(-len(s.classes) // multiple))
+    assert all(r.ok for r in verify(dg, [1.0, 0.5, 0.25]))
+
+
+def test_group_multiple_must_be_positive():
+    from dyncompile.convert import parse_group_multiple
+    from dyncompile.errors import ConfigError
+
+    assert parse_group_multiple("16") == 16
+    for bad in ("0", "-8", "lots"):
+        with pytest.raises(ConfigError, match="--group-multiple must be a positive number"):
+            parse_group_multiple(bad)
