@@ -28,6 +28,7 @@ def inspect_workspace(path: str | Path) -> dict:
         "model": spec["model"],
         "input_shape": spec["input_shape"],
         "groups": spec["groups"],
+        "group_multiple": spec.get("group_multiple", 1),
         "trace_mode": spec["trace_mode"],
         "macs": spec["macs"],
         "params": spec["params"],

@@ -22,6 +22,7 @@ model (or use `with`) when done.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import statistics
 import time
 import zipfile
@@ -220,6 +221,7 @@ class BoardModel(DeployedModel):
         self._session = contextlib.ExitStack()
         self._vm: Any = None
         self._weights: dict[str, list] = {}
+        self._distinct: dict[tuple, np.ndarray] = {}
 
     def _board(self) -> Any:
         if self._vm is None:
@@ -230,8 +232,15 @@ class BoardModel(DeployedModel):
         vm, s = self._board(), self._records[name]
         if name not in self._weights:
             raw = subnet_inputs(s, self._full)
-            self._weights[name] = vm.run(s.transform_function, [raw]) if s.transform_function else raw
+            weights = vm.run(s.transform_function, [raw]) if s.transform_function else raw
+            self._weights[name] = [self._one_copy(w) for w in weights]
         return [x, *self._weights[name]]
+
+    def _one_copy(self, array: np.ndarray) -> np.ndarray:
+        """`array`, or an equal one kept already: the weights all sub-nets read whole come back from each
+        sub-net's transform as separate copies of the same tensor; this host keeps one."""
+        key = (array.shape, str(array.dtype), hashlib.sha1(np.ascontiguousarray(array).data).hexdigest())
+        return self._distinct.setdefault(key, array)
 
     def _execute(self, name: str, x: np.ndarray) -> list[np.ndarray]:
         return self._board().run(self._records[name].function, self._arguments(name, x))
@@ -245,7 +254,7 @@ class BoardModel(DeployedModel):
 
     def close(self) -> None:
         self._vm = None
-        self._weights = {}
+        self._weights, self._distinct = {}, {}
         self._session.close()
 
 

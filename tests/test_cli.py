@@ -206,6 +206,7 @@ def test_convert_group_multiple_sizes_groups_and_survives_reloading(tmp_path):
 
     dg = load_workspace(ws).dg  # the analysis is redone on load with the same multiple
     assert dg.group_multiple == 8
+    assert json.loads(run("inspect", "--workspace", ws, "--json").stdout)["group_multiple"] == 8
     assert all(c % 8 == 0 for s in dg.free_sets for c in s.group_channels)  # ResNet-20: 16, 32, 64 channels
     assert_one_line_error(run("convert", FACTORY, "--input-shape", SHAPE, "--workspace", tmp_path / "x",
                               "--group-multiple", "none"), "--group-multiple")

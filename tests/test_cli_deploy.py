@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import dyncompile.runtime
 from dyncompile.cli import app
 from dyncompile.deployable import MANIFEST, WEIGHTS
 from dyncompile.passes.extract import extract_subnet
@@ -287,6 +288,13 @@ def test_arm_build_run_bench_over_rpc(workspace, board, x_file, tmp_path):
     assert all(r["max_error"] <= 1e-4 and r["tvm_ms"] > 0 for r in json.loads(bench.stdout))
     assert_one_line_error(run("bench", out, "--rpc", board, "--compare", "torch"), "cannot be combined with --rpc")
     assert_one_line_error(run("run", out, "--input", x_path), "built for aarch64", "--rpc")
+    # the conv weights both sub-nets read whole from one stored tensor: this host keeps one copy of each
+    with dyncompile.runtime.load(out, rpc=board) as model:
+        for name in model.names:
+            model.run(x, subnet=name)
+        held = [{id(w) for w in model._weights[name]} for name in model.names]
+        read_whole = {p["source"] for p in manifest["subnets"][-1]["parameters"] if p.get("layout")}
+        assert read_whole and len(held[0] & held[1]) >= len(read_whole)
 
 
 def test_a_default_peer_that_cannot_run_is_a_note_not_a_failed_bench(deployable, monkeypatch):

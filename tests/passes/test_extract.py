@@ -100,6 +100,7 @@ def test_group_multiple_must_be_positive():
     from dyncompile.errors import ConfigError
 
     assert parse_group_multiple("16") == 16
+    assert parse_group_multiple("auto") in (4, 8, 16)  # this CPU's vector lanes (NEON, AVX2, AVX-512)
     for bad in ("0", "-8", "lots"):
         with pytest.raises(ConfigError, match="--group-multiple must be a positive number"):
             parse_group_multiple(bad)
