@@ -162,7 +162,7 @@ class _Plan:
             if param is not None:
                 self.weight_of[b.var] = param
                 continue
-            for position, var in enumerate(self._vars(value)):
+            for position, var in self._vars(value):
                 if var in self.params:
                     rewritable[var] = False  # used raw by something else
                 elif var in bound and self._transform_of(bound[var]) is not None:
@@ -197,19 +197,19 @@ class _Plan:
         return None
 
     @staticmethod
-    def _vars(value: Any) -> list:
-        """The vars `value` reads, in argument order (a var inside a nested expression counts as position -1)."""
+    def _vars(value: Any) -> list[tuple[int, Any]]:
+        """(argument position, var) for every var `value` reads; a var inside a nested expression gets -1."""
         from tvm import relax
 
-        if isinstance(value, relax.Call):
-            out = []
-            for a in value.args:
-                if isinstance(a, relax.Var):
-                    out.append(a)
-                else:
-                    out.extend(relax.analysis.free_vars(a))
-            return out
-        return list(relax.analysis.free_vars(value))
+        if not isinstance(value, relax.Call):
+            return [(-1, v) for v in relax.analysis.free_vars(value)]
+        out = []
+        for position, a in enumerate(value.args):
+            if isinstance(a, relax.Var):
+                out.append((position, a))
+            else:
+                out.extend((-1, v) for v in relax.analysis.free_vars(a))
+        return out
 
     def _weight_use(self, call: Any, position: int) -> str | None:
         """"conv", "depthwise" or "dense" when `call` reads its argument `position` as a weight we rewrite."""
