@@ -211,7 +211,8 @@ class LocalModel(DeployedModel):
 
 class BoardModel(DeployedModel):
     """A deployable run on a board over TVM RPC: the library is uploaded when first needed, each sub-net's
-    weights are cut here and transformed on the board once, and `close` ends the session."""
+    weights are cut here, transformed on the board once and kept there (one copy of each distinct tensor), and
+    `close` ends the session."""
 
     def __init__(self, path: Path, manifest: Manifest, kind: Any, rpc: str):
         super().__init__(path, manifest)
@@ -221,7 +222,7 @@ class BoardModel(DeployedModel):
         self._session = contextlib.ExitStack()
         self._vm: Any = None
         self._weights: dict[str, list] = {}
-        self._distinct: dict[tuple, np.ndarray] = {}
+        self._distinct: dict[tuple, Any] = {}  # content → the tensor on the board
 
     def _board(self) -> Any:
         if self._vm is None:
@@ -233,14 +234,16 @@ class BoardModel(DeployedModel):
         if name not in self._weights:
             raw = subnet_inputs(s, self._full)
             weights = vm.run(s.transform_function, [raw]) if s.transform_function else raw
-            self._weights[name] = [self._one_copy(w) for w in weights]
+            self._weights[name] = [self._on_board(vm, w) for w in weights]
         return [x, *self._weights[name]]
 
-    def _one_copy(self, array: np.ndarray) -> np.ndarray:
-        """`array`, or an equal one kept already: the weights all sub-nets read whole come back from each
-        sub-net's transform as separate copies of the same tensor; this host keeps one."""
+    def _on_board(self, vm: Any, array: np.ndarray) -> Any:
+        """`array` uploaded to the board once: the weights all sub-nets read whole come back from each sub-net's
+        transform as separate copies of the same tensor; the board gets one, kept for the session."""
         key = (array.shape, str(array.dtype), hashlib.sha1(np.ascontiguousarray(array).data).hexdigest())
-        return self._distinct.setdefault(key, array)
+        if key not in self._distinct:
+            self._distinct[key] = vm.upload(array)
+        return self._distinct[key]
 
     def _execute(self, name: str, x: np.ndarray) -> list[np.ndarray]:
         return self._board().run(self._records[name].function, self._arguments(name, x))

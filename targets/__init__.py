@@ -4,7 +4,8 @@
 
 `dyncompile.build` and `dyncompile.runtime` never ask "which target is this?": they look the kind up here
 and call its functions. A new target is one new module plus one line in `TARGETS`. Targets that run on a
-separate board (arm) also provide `check_board(rpc)` and `remote_vm(...)`, which `--rpc` uses. Target
+separate board (arm) also provide `check_board(rpc)` and `remote_vm(...)` (a context giving an object with
+`run`, `time` and `upload`, see `arm.RemoteVM`), which `--rpc` uses. Target
 modules import TVM only inside their functions, so listing or looking up targets stays fast.
 
 Beside the target modules, the compile steps every target goes through:

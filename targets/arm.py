@@ -286,6 +286,11 @@ class RemoteVM:
             remove(f"{prefix}_{i}")
         return array
 
+    def upload(self, array: Any) -> Any:
+        """`array` as a tensor on the board, to pass to `run` or `time` as many times as needed without sending
+        it again."""
+        return self._upload(array)
+
     def _set_input(self, function_name: str, args: Sequence[Any]) -> None:
         self.vm.set_input(function_name, *[self._upload(a) for a in args])
 
