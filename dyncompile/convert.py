@@ -93,7 +93,7 @@ def convert(model: str, *, workspace: str | Path, groups: int = 8, input_shape: 
     step("writing the workspace")
     path = save_workspace(workspace, dg, source, (x, expected), leaf_modules=tuple(leaf_modules),
                           grouped_conv_mode=grouped_conv_mode, macs=macs, params=params)
-    coarser = [s for s in dg.free_sets if len(s.groups) < min(groups, s.channels)]
+    coarser = [s for s in dg.free_sets if len(s.groups) < min(groups, s.channels)] if group_multiple > 1 else []
     if coarser:
         notes.append(f"--group-multiple {group_multiple}: {len(coarser)} of {len(dg.free_sets)} slimmable sets get "
                      f"fewer than {groups} groups (e.g. '{coarser[0].name}': {len(coarser[0].groups)} groups of "

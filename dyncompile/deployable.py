@@ -43,13 +43,13 @@ from dyncompile.errors import DyncompileError
 from dyncompile.fileio import check_checksums, fsync_path, read_json, sha256_file, write_atomic, write_errors
 from dyncompile.targets import get_target
 
-__all__ = ["DeployableError", "StoredLayout", "ParamSlice", "DeployedSubnet", "TargetFacts", "InputSpec", "TensorSpec", "WeightsFile",
-           "TuningSummary", "Manifest", "FORMAT_VERSION", "MANIFEST", "LIBRARY", "WEIGHTS", "default_output",
-           "own_tensor_key", "write_deployable", "read_manifest", "record_latencies"]
+__all__ = ["DeployableError", "StoredLayout", "ParamSlice", "DeployedSubnet", "TargetFacts", "InputSpec",
+           "TensorSpec", "WeightsFile", "TuningSummary", "Manifest", "FORMAT_VERSION", "MANIFEST", "LIBRARY",
+           "WEIGHTS", "default_output", "own_tensor_key", "write_deployable", "read_manifest", "record_latencies"]
 
 FORMAT_VERSION = 3
-# 1: each sub-net had one "output"; 2: a list of "outputs" (dense prediction); 3: weights stored transposed
-# ("axes") where the kernels read them in place, and inputs that are whole stored tensors
+# 1: each sub-net had one "output"; 2: a list of "outputs" (dense prediction); 3: weights stored in the layout the
+# kernels read in place ("layout" on tensors), and inputs that are whole stored tensors
 READABLE_FORMATS = (1, 2, 3)
 KIND = "dyncompile-deployable"
 MANIFEST = "manifest.json"

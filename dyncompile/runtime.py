@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dyncompile.deployable import LIBRARY, WEIGHTS, DeployableError, DeployedSubnet, Manifest, read_manifest
+from dyncompile.deployable import (LIBRARY, WEIGHTS, DeployableError, DeployedSubnet, Manifest, ParamSlice,
+                                   read_manifest)
 from dyncompile.targets import UnknownTargetError, check_board_for, get_target
 
 __all__ = ["DeployedModel", "LocalModel", "BoardModel", "SubnetInfo", "load", "read_weights", "subnet_inputs"]
@@ -323,23 +324,21 @@ def _device_inputs(path: Path, manifest: Manifest, dev: Any) -> dict[str, list]:
     that a CPU device takes over as it is, so loading never holds a second copy of the weights."""
     import tvm
 
-    by_source: dict[str, list] = {}
+    by_source: dict[str, dict[tuple, tuple[str, ParamSlice]]] = {}  # source → recipe key → (first sub-net, input)
     for s in manifest.subnets:
         for p in s.parameters:
             if p.source not in manifest.weights.tensors:
                 raise DeployableError(f"sub-net '{s.name}' needs '{p.source}', which '{WEIGHTS}' lacks")
-            by_source.setdefault(p.source, [])
-            if all(q.key != p.key for q in by_source[p.source]):
-                by_source[p.source].append(p)
+            by_source.setdefault(p.source, {}).setdefault(p.key, (s.name, p))
     tensors = {}
     try:
         with zipfile.ZipFile(path / WEIGHTS) as npz:
-            for source, params in by_source.items():
+            for source, inputs in by_source.items():
                 spec = manifest.weights.tensors[source]
                 stored = _read_aligned(npz, source, spec, path)
-                for p in params:
-                    tensors[p.key] = (_on_device(stored, dev) if p.reads_stored(spec)
-                                      else tvm.runtime.tensor(_cut(p, spec.unstored(stored)), dev))
+                for key, (subnet, p) in inputs.items():
+                    tensors[key] = (_on_device(stored, dev) if p.reads_stored(spec)
+                                    else tvm.runtime.tensor(_cut(subnet, p, spec.unstored(stored)), dev))
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise DeployableError(f"cannot read '{path / WEIGHTS}' ({type(exc).__name__}); rebuild the deployable") \
             from None
@@ -367,10 +366,11 @@ def _read_aligned(npz: zipfile.ZipFile, name: str, spec: Any, path: Path) -> np.
     return data.view(dtype).reshape(shape)
 
 
-def _cut(p: Any, full: np.ndarray) -> np.ndarray:
+def _cut(subnet: str, p: ParamSlice, full: np.ndarray) -> np.ndarray:
+    """Input `p` of sub-net `subnet` cut from its full tensor; DeployableError if the recipe does not fit it."""
     cut = p.cut(full)
     if tuple(cut.shape) != p.shape:
-        raise DeployableError(f"'{p.source}' cut to {cut.shape} for input '{p.name}', expected {p.shape}")
+        raise DeployableError(f"sub-net '{subnet}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
     return cut
 
 
@@ -406,8 +406,5 @@ def subnet_inputs(record: DeployedSubnet, full: dict[str, np.ndarray]) -> list[n
     for p in record.parameters:
         if p.source not in full:
             raise DeployableError(f"sub-net '{record.name}' needs '{p.source}', which '{WEIGHTS}' lacks")
-        cut = p.cut(full[p.source])
-        if tuple(cut.shape) != p.shape:
-            raise DeployableError(f"sub-net '{record.name}': '{p.source}' cut to {cut.shape}, expected {p.shape}")
-        raw.append(cut)
+        raw.append(_cut(record.name, p, full[p.source]))
     return raw

@@ -53,8 +53,6 @@ def _spatial_count(sch: Any, block: Any) -> int:
 
 PAD_IN_PLACE_MAX_WINDOW = 9  # conv windows up to 3×3 read their padding in place; larger ones from a padded copy
 PARALLEL_MIN_ELEMENTS = 4096  # below this a kernel's loops run on one thread: waking the pool costs more
-
-
 PARALLEL_TASKS_PER_CORE = 16  # leading loops fused for `parallel` until they give this many tasks per core
 
 

@@ -86,8 +86,8 @@ PREPARE_PASSES: list[tuple[str, Callable[[Any, str], Any]]] = [
 def prepare(mod: Any, target: Any, *, layout: str = "blocked", dump_after: str | None = None,
             log: list | None = None) -> Any:
     """Run `PREPARE_PASSES` under `target`; `layout`: one of `LAYOUTS` ("blocked-copies" and "nchw" are for
-    measuring what shared weights and the blocked layout buy); `dump_after`: print the module after that pass (debugging); `log`: gets (pass,
-    seconds) per pass."""
+    measuring what shared weights and the blocked layout buy); `dump_after`: print the module after that pass
+    (debugging); `log`: gets (pass, seconds) per pass."""
     import tvm
 
     names = [name for name, _ in PREPARE_PASSES]

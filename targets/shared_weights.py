@@ -154,9 +154,7 @@ class _Plan:
         self.kind: dict[Any, str] = {}  # param → "conv" | "depthwise" | "dense"
         self.out_blocks: dict[Any, set[int]] = {}  # param of a conv → the output channel blocks it is read in
         rewritable: dict[Any, bool] = {p: True for p in self.params}
-        bindings = [b for block in func.body.blocks for b in block.bindings]
-        bound = {b.var: b.value for b in bindings}
-        for b in bindings:
+        for b in (b for block in func.body.blocks for b in block.bindings):
             value = b.value
             param = self._transform_of(value)
             if param is not None:
@@ -165,8 +163,8 @@ class _Plan:
             for position, var in self._vars(value):
                 if var in self.params:
                     rewritable[var] = False  # used raw by something else
-                elif var in bound and self._transform_of(bound[var]) is not None:
-                    p = self._transform_of(bound[var])
+                elif var in self.weight_of:  # bindings come in order: its transform was seen above
+                    p = self.weight_of[var]
                     kind = self._weight_use(value, position)
                     if kind is None or self.kind.get(p, kind) != kind:
                         rewritable[p] = False
@@ -174,12 +172,11 @@ class _Plan:
                         self.kind[p] = kind
                         if kind == "conv":
                             self.out_blocks.setdefault(p, set()).add(int(value.ty.shape[4]))
-        for var in relax.analysis.free_vars(func.body.body):
+        for var in relax.analysis.free_vars(func.body.body):  # what the function returns
             if var in self.params:
                 rewritable[var] = False
-        for var, p in self.weight_of.items():
-            if var in relax.analysis.free_vars(func.body.body):
-                rewritable[p] = False
+            elif var in self.weight_of:
+                rewritable[self.weight_of[var]] = False
         self.shared = {p for p, ok in rewritable.items() if ok and p in self.kind}
 
     def _transform_of(self, value: Any) -> Any | None:
