@@ -3,12 +3,14 @@
     python benchmarks/search_vs_usnet.py --seeds 0,1,2 --train-limit 10000 --epochs 3 \
         --methods usnet,usnet+l1,progressive --usnet-lrs 0.005,0.01,0.02,0.05 --usnet-compute equal
 
-1. Trains the in-repo ResNet-20 (1×28×28, `dyncompile.zoo.resnet:resnet20_fashion`) at full width once
+1. Trains an in-repo network for 1×28×28 (`--model`: ResNet-20 `dyncompile.zoo.resnet:resnet20_fashion`, the
+   MobileNetV2-style `mobilenet_v2:mobilenet_v2_fashion` or the VGG-style `vgg:vgg8_bn_fashion`) at full width once
    (`--base-seed`: a second, independently trained base model is a second invocation with another seed and
    `--work`), and converts it (`--groups 8`): every method starts from this same trained model.
 2. Method variants: `usnet` (published recipe, convert's channel order), `usnet+l1` / `usnet+noise` (US-Nets after
    the same channel ranking the progressive search does), `progressive`, `progressive+l1`, `progressive+none`,
-   `progressive+lazy` (the lazy greedy step, issue 14).
+   `progressive+lazy` (the lazy greedy step, issue 14); `+field=value` sets any `SearchOptions` field
+   (`progressive+lazy+finetune_check_images=1024`, `usnet+epochs=1`: US-Nets at the same epochs, for wall time).
 3. `--usnet-lrs`: US-Nets' learning rate is chosen per variant on the *search split* (seed 0, mean accuracy of
    its chosen sub-nets), from that sweep; `--usnet-compute equal` trains US-Nets for as many epochs as give it
    the training compute (forward GMACs of every sub-net pass, logged by the runs) the progressive run spent in
@@ -21,6 +23,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -42,15 +46,21 @@ from dyncompile.search.run import SearchOptions, SearchRun  # noqa: E402
 from dyncompile.ir import uniform_config  # noqa: E402
 from dyncompile.search.train import cosine_lr, make_optimizer  # noqa: E402
 from dyncompile.search.usnet import uniform_widths  # noqa: E402
-from dyncompile.zoo.resnet import resnet20_fashion  # noqa: E402
 
 INPUT_SHAPE = (1, 1, 28, 28)
+MODELS = {  # --model: (name in the tables, factory) — all take 1×28×28 Fashion-MNIST images
+    "resnet20": ("ResNet-20", "dyncompile.zoo.resnet:resnet20_fashion"),
+    "mobilenetv2": ("MobileNetV2-style", "dyncompile.zoo.mobilenet_v2:mobilenet_v2_fashion"),
+    "vgg": ("VGG-style", "dyncompile.zoo.vgg:vgg8_bn_fashion"),
+}
 
 
-def train_full_model(path: Path, *, train_limit: int, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
+def train_full_model(path: Path, factory: str, *, train_limit: int, epochs: int, batch_size: int, lr: float,
+                     seed: int) -> dict:
     """Plain full-width training (the user's 'already trained' model); returns its test accuracy and time."""
-    torch.manual_seed(seed)
-    model = resnet20_fashion()
+    module, _, name = factory.partition(":")
+    torch.manual_seed(seed)  # the base seed draws the initial weights too: a second base model is independent
+    model = getattr(importlib.import_module(module), name)()
     splits = open_dataset("fashion-mnist", input_shape=INPUT_SHAPE, train_limit=train_limit, seed=seed)
     optimizer = make_optimizer(dict(model.named_parameters()), lr=lr)
     steps_per_epoch = math.ceil(len(splits.train) / batch_size)
@@ -75,24 +85,31 @@ def train_full_model(path: Path, *, train_limit: int, epochs: int, batch_size: i
     return {"test_accuracy": correct / seen, "seconds": round(time.time() - start, 1), "epochs": epochs}
 
 
-def convert(state_dict: Path, workspace: Path, groups: int) -> None:
-    cmd = [sys.executable, "-m", "dyncompile", "convert", str(state_dict), "--arch",
-           "dyncompile.zoo.resnet:resnet20_fashion", "--input-shape", ",".join(map(str, INPUT_SHAPE)),
+def convert(state_dict: Path, factory: str, workspace: Path, groups: int) -> None:
+    cmd = [sys.executable, "-m", "dyncompile", "convert", str(state_dict), "--arch", factory, "--input-shape", ",".join(map(str, INPUT_SHAPE)),
            "--groups", str(groups), "--workspace", str(workspace), "--json"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
-def split_variant(variant: str) -> tuple[str, str | None, str]:
-    """"usnet+l1" → ("usnet", "l1", "exhaustive"), "progressive+lazy" → ("progressive", None, "lazy"): a method,
-    the ranking it runs with (None: the method's default) and its greedy step (`dyncompile.search.greedy`)."""
+def split_variant(variant: str) -> tuple[str, str | None, dict]:
+    """"usnet+l1" → ("usnet", "l1", {}), "progressive+lazy" → ("progressive", None, {"greedy": "lazy"}),
+    "progressive+finetune_check_images=1024" → ("progressive", None, {"finetune_check_images": 1024}): a method,
+    the ranking it runs with (None: the method's default) and the `SearchOptions` it changes."""
     method, *extras = variant.split("+")
-    rank = next((e for e in extras if e != "lazy"), None)
-    return method, rank, "lazy" if "lazy" in extras else "exhaustive"
+    overrides = {"greedy": "lazy"} if "lazy" in extras else {}
+    defaults = SearchOptions()
+    for extra in (e for e in extras if "=" in e):
+        field, value = extra.split("=", 1)
+        if not hasattr(defaults, field):
+            raise SystemExit(f"variant '{variant}': SearchOptions has no field '{field}'")
+        overrides[field] = type(getattr(defaults, field))(value)
+    rank = next((e for e in extras if e != "lazy" and "=" not in e), None)
+    return method, rank, overrides
 
 
 def run_method(base: Path, work: Path, variant: str, seed: int, args, *, epochs: float | None = None,
                lr: float | None = None, tag: str = "") -> dict:
-    method, rank, greedy = split_variant(variant)
+    method, rank, overrides = split_variant(variant)
     ws = work / f"{variant}{tag}-seed{seed}"
     shutil.rmtree(ws, ignore_errors=True)
     shutil.copytree(base, ws)
@@ -101,7 +118,8 @@ def run_method(base: Path, work: Path, variant: str, seed: int, args, *, epochs:
                             batch_size=args.batch_size, lr=args.lr if lr is None else lr, train_full=0,
                             rank=rank or (args.rank if method == "progressive" else None),
                             rank_direction=args.rank_direction, joint_pool=args.joint_pool,
-                            budget_window=args.budget_window, search_limit=args.search_limit, greedy=greedy)
+                            budget_window=args.budget_window, search_limit=args.search_limit)
+    options = dataclasses.replace(options, **overrides)
     last = {"t": 0.0}
 
     def progress(kind, **info):
@@ -246,6 +264,7 @@ def run_jobs(jobs: list[tuple[str, int, float | None, float | None, str]], args)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet20", help="the network every method starts from")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--train-limit", type=int, default=10000)
     p.add_argument("--val-limit", type=int, default=None, help="test images (default: all 10,000)")
@@ -300,10 +319,10 @@ def main() -> None:
     else:
         print(f"1. training the shared full model ({args.full_epochs} epochs, {args.train_limit} images, "
               f"seed {args.base_seed})", flush=True)
-        full = train_full_model(weights, train_limit=args.train_limit, epochs=args.full_epochs,
+        full = train_full_model(weights, MODELS[args.model][1], train_limit=args.train_limit, epochs=args.full_epochs,
                                 batch_size=args.batch_size, lr=0.1, seed=args.base_seed)
         shutil.rmtree(base, ignore_errors=True)
-        convert(weights, base, args.groups)
+        convert(weights, MODELS[args.model][1], base, args.groups)
         full_record.write_text(json.dumps(full))
     print(f"   full model: {100 * full['test_accuracy']:.2f}% test accuracy ({full['seconds']:.0f} s to train)", flush=True)
 
@@ -340,7 +359,7 @@ def main() -> None:
 
     rows = table(runs, args.subnets, variants)
     print()
-    print(f"ResNet-20 on Fashion-MNIST ({args.train_limit} training images, full test set"
+    print(f"{MODELS[args.model][0]} on Fashion-MNIST ({args.train_limit} training images, full test set"
           f"{'' if args.val_limit is None else f' cut to {args.val_limit}'}), groups {args.groups}, progressive "
           f"{args.epochs:g} epochs, US-Nets {args.usnet_compute} compute, lr {chosen_lr}, seeds {args.seeds}, "
           f"base-model seed {args.base_seed}; budgets are caps; mean ± std over seeds")
@@ -358,6 +377,13 @@ def main() -> None:
             fmt = lambda m: f"{100 * m[0]:+6.2f} ± {100 * m[1]:4.2f}" if m else "   n/a"  # noqa: E731
             print(f"{100 * row['budget']:6.0f}% {pair:>30}: {fmt(lead['at_budget'])} / {fmt(lead['over_envelope'])}"
                   f"   per seed {[round(100 * x, 2) for x in lead['at_budget_per_seed']]}")
+    print("where the time went (mean per seed: wall s / training sub-net images / evaluation sub-net images):")
+    for v in variants:
+        rs = [r for r in runs if r["method"] == v]
+        parts = sorted({p for r in rs for p in r["compute"].get("parts", {})})
+        cell = lambda p, key: statistics.mean(r["compute"]["parts"].get(p, {}).get(key, 0) for r in rs)  # noqa: E731
+        print(f"{v:>18}: " + ", ".join(f"{p} {cell(p, 'seconds'):.0f} s / {cell(p, 'train_subnet_images'):.0f} / "
+                                        f"{cell(p, 'eval_subnet_images'):.0f}" for p in parts))
     for v in variants:
         rs = [r for r in runs if r["method"] == v]
         if rs:

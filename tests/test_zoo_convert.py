@@ -88,3 +88,15 @@ def test_se_gate_reduced_width_is_its_own_set():
     dg = analyse_model(build("efficientnet-b0-cifar").eval(), ZOO["efficientnet-b0-cifar"].input_shape)
     single = [s for s in dg.free_sets if len(s.producers) == 1]
     assert single, "SE squeeze convs form free sets of their own"
+
+
+@pytest.mark.parametrize("factory", ["resnet:resnet20_fashion", "mobilenet_v2:mobilenet_v2_fashion",
+                                     "vgg:vgg8_bn_fashion"])
+def test_search_benchmark_models_convert_and_verify(factory):
+    """The three 1×28×28 networks `benchmarks/search_vs_usnet.py --model` searches on real Fashion-MNIST."""
+    from dyncompile.loading import import_factory
+
+    dg = analyse_model(import_factory(f"dyncompile.zoo.{factory}").eval(), (1, 1, 28, 28), groups=8)
+    assert len(dg.free_sets) >= 5
+    for r in verify(dg, WIDTHS):
+        assert r.ok, (factory, r.width, r.problems)

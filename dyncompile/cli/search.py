@@ -123,6 +123,8 @@ def search(
                                                            "accuracy (absolute).")] = 0.05,
     threshold_mode: Annotated[str, typer.Option(help="drop or absolute.")] = "drop",
     finetune_epochs: Annotated[float, typer.Option(help="Epoch cap of one fine-tune.")] = 1.0,
+    finetune_check_images: Annotated[int, typer.Option(help="Training images between a fine-tune's accuracy checks "
+                                                            "(it stops once back over the threshold).")] = 512,
     tolerance: Annotated[float, typer.Option(help="Re-selection window below each budget (MACs fraction).")] = 0.05,
     budget_window: Annotated[str, typer.Option(help="under: a budget is a cap, pick within [budget - tolerance, "
                                                     "budget], never over; around: within budget ± tolerance (the "
@@ -146,7 +148,8 @@ def search(
                             train_full=train_full, rank=rank, rank_direction=rank_direction, noise_epochs=noise_epochs,
                             noise_init=noise_init, floor=floor, greedy=greedy, lazy_scores=lazy_scores,
                             finetune_threshold=finetune_threshold,
-                            threshold_mode=threshold_mode, finetune_epochs=finetune_epochs, tolerance=tolerance,
+                            threshold_mode=threshold_mode, finetune_epochs=finetune_epochs,
+                            finetune_check_images=finetune_check_images, tolerance=tolerance,
                             budget_window=budget_window, select_z=select_z, joint_pool=joint_pool, remeasure_chain=remeasure,
                             checkpoint_every_s=checkpoint_every)
     procs = Processes.from_environment()
@@ -178,4 +181,8 @@ def search(
     out.print(table)
     if result.full_accuracy is not None:
         out.print(f"model as given: {100 * result.full_accuracy:.2f}% on the same test images", highlight=False)
+    parts = result.compute.get("parts", {})
+    if parts:
+        out.print("where the time went: " + ", ".join(f"{name} {p['seconds']:.0f} s" for name, p in parts.items()),
+                  highlight=False)
     out.print(f"saved in {result_dir(workspace, result.method)}. Next: [bold]dyncompile build --target cpu[/]")

@@ -31,7 +31,7 @@ from dyncompile.search.run import SearchRun
 from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets
 from dyncompile.search.subnets import full_config
 
-__all__ = ["floor_groups", "shrink_candidates", "run_progressive"]
+__all__ = ["floor_groups", "shrink_candidates", "finetune_check_every", "run_progressive"]
 
 
 def floor_groups(s: ChannelSet, floor: float) -> int:
@@ -73,7 +73,8 @@ def _search(run: SearchRun) -> None:
         return
     s = v.setdefault("search", None)
     if s is None:
-        full_acc = run.accuracy(None, "search", bn="batch")
+        with run.timed("greedy"):
+            full_acc = run.accuracy(None, "search", bn="batch")
         threshold = full_acc - o.finetune_threshold if o.threshold_mode == "drop" else o.finetune_threshold
         s = v["search"] = {"config": full_config(run.dg), "step": 0, "threshold": threshold, "finetune": None,
                            "chain": [{"step": 0, "config": full_config(run.dg), "macs_fraction": 1.0,
@@ -100,11 +101,12 @@ def _search(run: SearchRun) -> None:
             run.progress("search", step=step, candidate=set_name, macs=macs, accuracy=acc)
             return acc, macs
 
-        if o.greedy == "lazy":
-            picked, evaluations = pick_lazy(candidates, score, s.setdefault("bounds", {}), step,
-                                            s["chain"][-1]["accuracy"], o.lazy_scores)
-        else:
-            picked, evaluations = pick_exhaustive(candidates, score)
+        with run.timed("greedy"):
+            if o.greedy == "lazy":
+                picked, evaluations = pick_lazy(candidates, score, s.setdefault("bounds", {}), step,
+                                                s["chain"][-1]["accuracy"], o.lazy_scores)
+            else:
+                picked, evaluations = pick_exhaustive(candidates, score)
         acc, neg_macs, set_name, best = picked
         s["step"] += 1
         s["config"] = best
@@ -116,6 +118,14 @@ def _search(run: SearchRun) -> None:
             s["finetune"] = {"step": s["step"], "before": acc}
         run.save()
     run.finish_phase("search")
+
+
+def finetune_check_every(o) -> int:
+    """Training steps between a fine-tune's accuracy checks. Most fine-tunes are back over the threshold within a
+    few steps, and a check (one pass over the search split) costs about a tenth of the steps between two checks,
+    so checks come every `finetune_check_images` images: a fixed count, not a fraction of the epoch, so a larger
+    training set does not make every fine-tune longer (issue 14)."""
+    return max(1, round(o.finetune_check_images / o.batch_size))
 
 
 def _finetune(run: SearchRun, s: dict, spe: int) -> None:
@@ -137,10 +147,10 @@ def _finetune(run: SearchRun, s: dict, spe: int) -> None:
         run.event("eval", split="search", step=s["step"], finetune_step=step, accuracy=passed["acc"])
         return passed["acc"] >= s["threshold"]
 
-    checks = max(1, o.finetune_checks)
-    steps = run.train(f"finetune-{info['step']}", o.finetune_epochs, configs_for, lr=o.finetune_lr, check=check,
-                      check_every=max(1, spe // checks), label=f"fine-tune step {info['step']}")
-    after = run.accuracy(current, "search", bn="batch")
+    with run.timed("finetune"):
+        steps = run.train(f"finetune-{info['step']}", o.finetune_epochs, configs_for, lr=o.finetune_lr, check=check,
+                          check_every=finetune_check_every(o), label=f"fine-tune step {info['step']}")
+        after = run.accuracy(current, "search", bn="batch")
     s["chain"][-1]["accuracy_before_finetune"] = info["before"]
     s["chain"][-1]["accuracy"] = after
     s["chain"][-1]["finetune_steps"] = steps
@@ -162,11 +172,12 @@ def _select(run: SearchRun) -> None:
         # fine-tuned ones and empties the windows of the larger budgets. Measure them all again, now, keeping
         # which images each gets right: the paired test needs them.
         rows = []
-        for entry in chain:
-            entry.setdefault("accuracy_at_step", entry["accuracy"])
-            correct = run.correct(entry["config"] if entry["step"] else None, "search", bn="batch")
-            entry["accuracy"] = run.accuracy_of(correct)
-            rows.append(correct)
+        with run.timed("remeasure"):
+            for entry in chain:
+                entry.setdefault("accuracy_at_step", entry["accuracy"])
+                correct = run.correct(entry["config"] if entry["step"] else None, "search", bn="batch")
+                entry["accuracy"] = run.accuracy_of(correct)
+                rows.append(correct)
         counts = PairedCounts.from_correct([e["step"] for e in chain], torch.stack(rows))
         better = counts.reduced(run.procs.sum, len(run.splits.search)).better(o.select_z)
         run.event("remeasure", accuracies=[round(e["accuracy"], 4) for e in chain])
@@ -202,7 +213,8 @@ def _joint_train(run: SearchRun) -> None:
         picks = torch.randint(len(middle), (2,), generator=gen).tolist()
         return [None, smallest, *(middle[i] for i in picks)]
 
-    run.train("joint", o.epochs, configs_for, lr=o.lr, label="joint training")
+    with run.timed("joint-train"):
+        run.train("joint", o.epochs, configs_for, lr=o.lr, label="joint training")
     run.event("joint-train", epochs=o.epochs, subnets=len(filtered))
     run.finish_phase("joint-train")
 
@@ -220,8 +232,9 @@ def run_progressive(run: SearchRun) -> SearchResult:
     first_budget: dict[int, float] = {}  # a sub-net two budgets share is recorded once, under the smaller's name
     for b in sorted(o.subnets):
         first_budget.setdefault(v["chosen"][str(b)], b)
-    records = [run.record(subnet_name(b), by_step[step]["config"], b, search_accuracy=by_step[step]["accuracy"])
-               for step, b in sorted(first_budget.items(), key=lambda sb: -sb[1])]
+    with run.timed("calibrate-test"):
+        records = [run.record(subnet_name(b), by_step[step]["config"], b, search_accuracy=by_step[step]["accuracy"])
+                   for step, b in sorted(first_budget.items(), key=lambda sb: -sb[1])]
     return run.finish(records, v["group_order"])
 
 

@@ -23,7 +23,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ class SearchOptions:
     finetune_threshold: float = 0.05  # see threshold_mode
     threshold_mode: str = "drop"  # "drop": full search accuracy minus T; "absolute": accuracy T
     finetune_epochs: float = 1.0  # cap per fine-tune
-    finetune_checks: int = 4  # accuracy checks per fine-tune epoch (stop once back over the threshold)
+    finetune_check_images: int = 512  # training images between accuracy checks of a fine-tune (stop once back over)
     finetune_lr: float = 0.01
     tolerance: float = 0.05  # re-selection window around each budget, in MACs fraction
     budget_window: str = "under"  # "under": a cap, [budget - tolerance, budget]; "around": budget ± tolerance (paper)
@@ -113,6 +114,8 @@ class SearchOptions:
             raise ConfigError("--batch-size must be positive and --epochs not negative")
         if self.lazy_scores < 1:
             raise ConfigError("--lazy-scores must be at least 1")
+        if self.finetune_check_images < 1:
+            raise ConfigError("--finetune-check-images must be at least 1 (e.g. 512: a check every 4 steps of 128)")
         if self.select_z < 0 or self.tolerance < 0:
             raise ConfigError("--select-z and --tolerance must not be negative")
         if not 0 < self.floor <= 1 or not 0 < self.min_width <= 1:
@@ -152,6 +155,8 @@ class SearchRun:
         self.state: dict[str, Any] = {"done": [], "history": [], "train": None, "values": {}, "log_lines": 0}
         self._macs_cache: dict[tuple, int] = {}
         self._started = time.monotonic()
+        self._part: str | None = None  # the part of the search `timed` is measuring now, and since when
+        self._part_start = 0.0
         if resume:
             saved = self.checkpoint.load()
             if saved is not None:
@@ -176,6 +181,7 @@ class SearchRun:
         self.resumed_from = list(self.state["done"])
 
     def save(self, *, optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> None:
+        self._flush_part_time()
         self.state["log_lines"] = self.log.count
         self.state["wall_s_saved"] = self.wall_s
         state = {k: v for k, v in self.state.items() if k not in ("optimizer", "extra")}
@@ -240,13 +246,43 @@ class SearchRun:
     def count_compute(self, kind: str, what: str, configs: list[SubnetConfig | None], images: int) -> None:
         """Log the sub-net passes a phase spends, so methods compare at *measured* compute, not epochs: `kind`
         "train" (forward + backward, `what` = the training run, fine-tunes pooled) or "eval" (forward, `what` =
-        the split); per key, sub-net passes over a batch, sub-net images, and forward GMACs of those images."""
+        the split); per key, sub-net passes over a batch, sub-net images, and forward GMACs of those images.
+        Inside `timed(part)` they are also added to that part's row of `compute["parts"]`."""
         key = what.split("-")[0] if what.startswith("finetune-") else what
         entry = self.state.setdefault("compute", {}).setdefault(kind, {}).setdefault(
             key, {"subnet_batches": 0, "subnet_images": 0, "forward_gmacs": 0.0})
+        gmacs = images * sum(self.macs(c) for c in configs) / 1e9
         entry["subnet_batches"] += len(configs)
         entry["subnet_images"] += images * len(configs)
-        entry["forward_gmacs"] += images * sum(self.macs(c) for c in configs) / 1e9
+        entry["forward_gmacs"] += gmacs
+        if self._part is not None:
+            part = self._part_entry(self._part)
+            part[f"{kind}_subnet_images"] += images * len(configs)
+            part[f"{kind}_gmacs"] += gmacs
+
+    def _part_entry(self, part: str) -> dict:
+        return self.state.setdefault("compute", {}).setdefault("parts", {}).setdefault(
+            part, {"seconds": 0.0, "train_subnet_images": 0, "train_gmacs": 0.0, "eval_subnet_images": 0,
+                   "eval_gmacs": 0.0})
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the wall time and sub-net passes spent inside to `compute["parts"][part]` (ranking, greedy steps,
+        fine-tunes, re-measure, joint training, calibration...): where a search's cost goes, per part. Parts do
+        not nest; a part interrupted by a kill loses the time since the last checkpoint, like `wall_s`."""
+        assert self._part is None, f"timed('{part}') inside timed('{self._part}')"
+        self._part, self._part_start = part, time.monotonic()
+        try:
+            yield
+        finally:
+            self._flush_part_time()
+            self._part = None
+
+    def _flush_part_time(self) -> None:
+        if self._part is not None:
+            now = time.monotonic()
+            self._part_entry(self._part)["seconds"] += now - self._part_start
+            self._part_start = now
 
     def accuracy_of(self, hits: torch.Tensor) -> float:
         """The accuracy over every process's shard that `correct`'s vectors say."""
@@ -363,15 +399,16 @@ class SearchRun:
         o, v = self.options, self.state["values"]
         if not self.phase("rank"):
             return
-        if self.ranking == "none":
-            scores = {s.name: [0.0] * len(s.groups) for s in self.dg.free_sets}
-        elif self.ranking == "l1":
-            scores = l1_scores(self.dg, self.net.full)
-        else:
-            scales = NoiseScales(self.dg, o.noise_init)
-            self.train("rank-noise", o.noise_epochs, lambda step, gen: [None], lr=o.noise_lr, scales=scales,
-                       distill=False, label="noise ranking")
-            scores = scales.scores()
+        with self.timed("rank"):
+            if self.ranking == "none":
+                scores = {s.name: [0.0] * len(s.groups) for s in self.dg.free_sets}
+            elif self.ranking == "l1":
+                scores = l1_scores(self.dg, self.net.full)
+            else:
+                scales = NoiseScales(self.dg, o.noise_init)
+                self.train("rank-noise", o.noise_epochs, lambda step, gen: [None], lr=o.noise_lr, scales=scales,
+                           distill=False, label="noise ranking")
+                scores = scales.scores()
         order = group_order(scores, rank=self.ranking, direction=o.rank_direction)
         v["group_order"] = order
         self.reorder_groups(order)
@@ -383,8 +420,9 @@ class SearchRun:
         """Accuracy of the model as given (its own BN statistics); train it first if it looks untrained."""
         if self.phase("measure"):
             v = self.state["values"]
-            v["given_test_accuracy"] = self.accuracy(None, "test", bn="stored")
-            v["given_search_accuracy"] = self.accuracy(None, "search", bn="batch")
+            with self.timed("measure"):
+                v["given_test_accuracy"] = self.accuracy(None, "test", bn="stored")
+                v["given_search_accuracy"] = self.accuracy(None, "search", bn="batch")
             self.event("measure", test_accuracy=v["given_test_accuracy"], search_accuracy=v["given_search_accuracy"])
             self.finish_phase("measure")
         o = self.options
@@ -395,8 +433,10 @@ class SearchRun:
                 self.event("note", text=f"the model scores {self.state['values']['given_search_accuracy']:.1%} "
                                         f"(chance level): training it at full width for {epochs:g} epochs first")
             start = time.monotonic()
-            steps = self.train("train-full", epochs, lambda step, gen: [None], lr=o.train_full_lr, label="train full width")
-            self.state["values"]["full_search_accuracy_trained"] = self.accuracy(None, "search", bn="batch")
+            with self.timed("train-full"):
+                steps = self.train("train-full", epochs, lambda step, gen: [None], lr=o.train_full_lr,
+                                   label="train full width")
+                self.state["values"]["full_search_accuracy_trained"] = self.accuracy(None, "search", bn="batch")
             self.event("train-full", epochs=epochs, steps=steps, seconds=round(time.monotonic() - start, 1),
                        search_accuracy=self.state["values"]["full_search_accuracy_trained"])
             self.finish_phase("train-full")

@@ -49,7 +49,8 @@ def run_usnet(run: SearchRun) -> SearchResult:
             widths = (o.min_width + (1 - o.min_width) * torch.rand(o.sandwich_random, generator=gen)).tolist()
             return [None, smallest, *(uniform_config(dg, w) for w in widths)]
 
-        steps = run.train("usnet", o.epochs, configs_for, lr=o.lr, label="US-Nets sandwich training")
+        with run.timed("usnet-train"):
+            steps = run.train("usnet", o.epochs, configs_for, lr=o.lr, label="US-Nets sandwich training")
         run.event("usnet-train", epochs=o.epochs, steps=steps)
         run.finish_phase("usnet-train")
     macs_of = {w: run.macs(uniform_config(dg, w)) / run.full_macs for w in uniform_widths(dg, o.min_width)}
@@ -60,8 +61,9 @@ def run_usnet(run: SearchRun) -> SearchResult:
     first_budget = {}  # a width two budgets share is recorded once, under the smaller budget's name
     for b in sorted(chosen):
         first_budget.setdefault(chosen[b], b)
-    records = [run.record(subnet_name(b), uniform_config(dg, w), b)
-               for w, b in sorted(first_budget.items(), key=lambda wb: -wb[1])]
+    with run.timed("calibrate-test"):
+        records = [run.record(subnet_name(b), uniform_config(dg, w), b)
+                   for w, b in sorted(first_budget.items(), key=lambda wb: -wb[1])]
     return run.finish(records, run.state["values"]["group_order"])
 
 

@@ -17,11 +17,11 @@ from torch import nn
 # "M" is a 2x2 max-pool; ints are 3x3 conv widths.
 VGG11_CIFAR = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M")  # 32x32 -> 2x2 map
 VGG11_TINY_IMAGENET = (8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M")  # 224x224 -> 7x7 map
+VGG8_FASHION = (32, "M", 64, "M", 128, 128, "M", 256, 256)  # 28x28 -> 3x3 map
 
 
-def make_features(config, batch_norm: bool) -> nn.Sequential:
+def make_features(config, batch_norm: bool, in_channels: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = []
-    in_channels = 3
     for item in config:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
@@ -36,13 +36,15 @@ def make_features(config, batch_norm: bool) -> nn.Sequential:
 
 
 class VGGCifar(nn.Module):
-    """VGG-11 with BatchNorm; the 256 x 2 x 2 map is flattened straight into the classifier."""
+    """VGG with BatchNorm; the last conv's map (256 x 2 x 2 for VGG-11 on CIFAR) is flattened straight into the
+    classifier."""
 
-    def __init__(self, num_classes: int = 10, hidden: int = 256):
+    def __init__(self, num_classes: int = 10, hidden: int = 256, config=VGG11_CIFAR, in_channels: int = 3,
+                 map_size: int = 2):
         super().__init__()
-        self.features = make_features(VGG11_CIFAR, batch_norm=True)
+        self.features = make_features(config, batch_norm=True, in_channels=in_channels)
         self.classifier = nn.Sequential(
-            nn.Linear(256 * 2 * 2, hidden),
+            nn.Linear(config[-1] * map_size * map_size, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
             nn.Linear(hidden, num_classes),
@@ -80,6 +82,12 @@ class VGGImageNet(nn.Module):
 
 def vgg11_bn_cifar(num_classes: int = 10) -> nn.Module:
     return VGGCifar(num_classes)
+
+
+def vgg8_bn_fashion(num_classes: int = 10) -> nn.Module:
+    """A plain VGG-style net for 1x28x28 images (6 convs, 3 max-pools, 256 x 3 x 3 flattened into a 2-layer MLP):
+    the search benchmark's network without shortcuts (issue 13)."""
+    return VGGCifar(num_classes, config=VGG8_FASHION, in_channels=1, map_size=3)
 
 
 def vgg11_tiny_imagenet(num_classes: int = 1000) -> nn.Module:

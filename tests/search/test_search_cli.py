@@ -61,6 +61,16 @@ def test_unknown_choices(untrained_workspace, fresh_copy, option, value, fragmen
     assert_untouched(ws)
 
 
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--finetune-check-images", "0", "a check every 4 steps of 128"),
+    ("--lazy-scores", "0", "at least 1"),
+])
+def test_out_of_range_numbers(untrained_workspace, fresh_copy, option, value, fragment):
+    ws = fresh_copy(untrained_workspace)
+    assert_one_line_error(search("--workspace", ws, option, value, *QUICK), option, fragment)
+    assert_untouched(ws)
+
+
 @pytest.mark.parametrize("subnets", ["abc", "0.5;1.0", "0.5,1.5", "0", "-0.25,1", ",", "nan"])
 def test_malformed_subnets(untrained_workspace, fresh_copy, subnets):
     ws = fresh_copy(untrained_workspace)

@@ -19,6 +19,7 @@ from dyncompile.ir import keep_mask, uniform_config
 from dyncompile.measure import count_macs
 from dyncompile.passes.extract import extract_subnet
 from dyncompile.passes.rewrite import convert_to_slimmable, set_subnet
+from dyncompile.search.progressive import finetune_check_every
 from dyncompile.search.result import apply_result, load_search_result, result_dir, subnet_weights
 from dyncompile.search.run import SearchOptions, SearchRun
 from dyncompile.search.subnets import SharedSubnets, full_config
@@ -28,7 +29,8 @@ from dyncompile.verify import verify
 from dyncompile.workspace import load_workspace
 
 TINY = dict(data="fashion-mnist", subnets=(0.25, 0.5, 0.75, 1.0), epochs=0.5, batch_size=32, train_limit=384,
-            val_limit=300, noise_epochs=0.5, finetune_epochs=0.5, finetune_threshold=0.02, calibration_images=256,
+            val_limit=300, noise_epochs=0.5, finetune_epochs=0.5, finetune_threshold=0.02, finetune_check_images=96,
+            calibration_images=256,
             seed=0, checkpoint_every_s=1e9)
 
 
@@ -240,7 +242,7 @@ def test_progressive_log_has_one_line_per_evaluation(progressive):
         assert (best["dropped"], best["accuracy"]) == (step["dropped"], step["accuracy"])
     # fine-tunes: one check per `check_every` training steps, until back over the threshold or at the cap
     spe = math.ceil(options.train_limit / options.batch_size)
-    every = max(1, spe // options.finetune_checks)
+    every = finetune_check_every(options)
     cap = max(1, round(options.finetune_epochs * spe))
     for ft in finetunes:
         checks = [e for e in evals if e.get("finetune_step") is not None and e["step"] == ft["step"]]
@@ -333,6 +335,19 @@ def test_compute_is_logged_per_phase_for_both_methods(progressive, usnet):
     search_evals = sum(e["candidates"] for e in result.history if e["event"] == "step")
     assert compute["eval"]["search"]["subnet_batches"] >= search_evals
     assert compute["eval"]["test"]["subnet_batches"] == len(result.subnets) + 1  # + the model as given
+    # where the cost went, per part of the search: wall time and sub-net passes
+    parts = compute["parts"]
+    assert {"measure", "rank", "greedy", "remeasure", "joint-train", "calibrate-test"} <= set(parts), parts.keys()
+    assert all(p["seconds"] > 0 for p in parts.values())
+    assert sum(p["seconds"] for p in parts.values()) <= result.wall_s + 0.1
+    search_images = result.data["search"]
+    assert parts["greedy"]["eval_subnet_images"] == (search_evals + 1) * search_images  # + the full model first
+    assert parts["greedy"]["train_subnet_images"] == 0
+    assert parts["joint-train"]["train_subnet_images"] == compute["train"]["joint"]["subnet_images"]
+    assert parts["rank"]["train_gmacs"] == pytest.approx(compute["train"]["rank-noise"]["forward_gmacs"])
+    usnet_parts = loaded(ws)[0].compute["parts"]
+    assert {"measure", "usnet-train", "calibrate-test"} <= set(usnet_parts), usnet_parts.keys()
+    assert usnet_parts["usnet-train"]["train_gmacs"] == pytest.approx(train["forward_gmacs"])
 
 
 def test_usnet_can_start_from_the_same_channel_order_as_progressive(trained_workspace, fresh_copy):
