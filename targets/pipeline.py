@@ -142,10 +142,18 @@ def apply_database(mod: Any, target: Any, tuning_dir: str | Path) -> Any:
 
 
 def compile_module(mod: Any, target: Any, target_name: str) -> Any:
-    """Give unscheduled kernels the target's schedules, lower to the VM and compile once."""
+    """Give unscheduled kernels the target's schedules, lower to the VM and compile once. Right after the
+    target's memory planning, every sub-net's activation blocks get shared sizes (`shared_activations.py`)."""
     import tvm
 
+    from dyncompile.targets.shared_activations import share_activation_storage
+
     kind = get_target(target_name)
-    pipeline = tvm.transform.Sequential(kind.schedule_passes(target) + kind.lower_passes(target))
+    passes = []
+    for step in kind.schedule_passes(target) + kind.lower_passes(target):
+        passes.append(step)
+        if step.info.name == "StaticPlanBlockMemory":
+            passes.append(share_activation_storage(skip=lambda name: name.endswith(TRANSFORM_SUFFIX)))
+    pipeline = tvm.transform.Sequential(passes)
     with target, tvm.transform.PassContext(opt_level=3):
         return tvm.compile(mod, target, relax_pipeline=pipeline)
