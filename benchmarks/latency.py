@@ -15,6 +15,7 @@ Every output is checked against PyTorch (max error printed; the run fails above 
     .venv/bin/python benchmarks/latency.py --models resnet20-fashion --batches 1 --layout nchw   # the old layout
     .venv/bin/python benchmarks/latency.py --models resnet18-tiny-224 --batches 1 --group-multiple 16
     .venv/bin/python benchmarks/latency.py --models resnet20-cifar --tune-minutes 10 --workspace /tmp/ws
+    .venv/bin/python benchmarks/latency.py --models search:WORKSPACE --batches 1   # a search's chosen sub-nets
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import torch  # noqa: E402
 from dyncompile import runtime  # noqa: E402
 from dyncompile.bench import interleaved_medians, onnx_runner  # noqa: E402
 from dyncompile.build import build, tuning_dir_for, uniform_subnets  # noqa: E402
+from dyncompile.subnet_choice import subnets_from_workspace  # noqa: E402
+from dyncompile.workspace import load_workspace  # noqa: E402
 from dyncompile.deployable import write_deployable  # noqa: E402
 from dyncompile.passes.extract import extract_subnet  # noqa: E402
 from dyncompile.pipeline import analyse_model  # noqa: E402
@@ -53,6 +56,7 @@ MODELS = {
     "resnet18-tiny-224": (lambda: build_zoo_model("resnet18-imagenet"), ZOO["resnet18-imagenet"].input_shape),
     "resnet18-224": (resnet18, (1, 3, 224, 224)),  # real widths: 1.8 GMACs
 }
+SEARCHED = "search:"  # --models search:WORKSPACE: the sub-nets `dyncompile search` chose in that workspace
 PEAK_GFLOPS = 237.0  # this machine: 2 cores × 32 FP32 FLOP/cycle (one 512-bit FMA) × ~3.7 GHz; --peak-gflops
 
 
@@ -67,18 +71,31 @@ def goals(macs_fraction: float, latency_fraction: float, tvm_ms: float, ort_ms: 
             "scale": latency_fraction <= 2 * macs_fraction or tvm_ms - 2 * macs_fraction * full_tvm_ms <= 0.05}
 
 
-def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
+def model_subnets(key: str, args: argparse.Namespace):
+    """(graph, sub-nets, per-sub-net BN statistics, the PyTorch reference of a sub-net) for a model key:
+    a zoo model's uniform widths, or `search:WORKSPACE`, the sub-nets a search chose (non-uniform widths)."""
+    if key.startswith(SEARCHED):
+        source = subnets_from_workspace(key[len(SEARCHED):], load_workspace(key[len(SEARCHED):]).dg)
+        if source.search is None:
+            raise SystemExit(f"'{key[len(SEARCHED):]}' holds no search result (run `dyncompile search` on it)")
+        return (source.dg, source.configs, source.own_tensors,
+                lambda name, config: extract_subnet(source.reference_graph(name), config).eval())
     factory, input_shape = MODELS[key]
     torch.manual_seed(0)
     model = factory().eval()
     dg = analyse_model(model, input_shape, groups=8, group_multiple=args.group_multiple)
-    subnets = uniform_subnets(dg)
+    return dg, uniform_subnets(dg), {}, lambda name, config: extract_subnet(dg, config).eval()
+
+
+def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
+    dg, subnets, own_tensors, reference = model_subnets(key, args)
+    input_shape = dg.input_shape
     tuned = bool(args.tune_trials or args.tune_minutes)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dyncompile-latency-") as tmp:
-        result = build(dg, subnets, target="cpu", batch_size=batch, layout=args.layout,
+        result = build(dg, subnets, target="cpu", batch_size=batch, layout=args.layout, own_tensors=own_tensors,
                        tune_trials=args.tune_trials or (64 if args.tune_minutes else 0), tune_minutes=args.tune_minutes,
-                       tuning_dir=tuning_dir_for(args.workspace / f"{key}-b{batch}", "cpu") if tuned else None)
+                       tuning_dir=tuning_dir_for(args.workspace / f"{Path(key).name}-b{batch}", "cpu") if tuned else None)
         build_s = time.perf_counter() - start
         _log(f"{key} batch {batch}: built in {build_s:.0f} s"
              + (f" (tuning {result.tuning.seconds:.0f} s, {result.tuning.tasks} kernels)" if result.tuning else ""))
@@ -86,7 +103,7 @@ def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
         x = np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype(np.float32)
         rows = []
         for name, config in subnets.items():
-            sub = extract_subnet(dg, config).eval()
+            sub = reference(name, config)
             with torch.no_grad():
                 expected = sub(torch.from_numpy(x)).numpy()
             error = float(np.abs(model_tvm.run(x, subnet=name) - expected).max())
@@ -127,7 +144,8 @@ def markdown(rows: list[dict], peak: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"of {', '.join(MODELS)}, or {SEARCHED}WORKSPACE "
+                        "(the sub-nets a search chose there)")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials per kernel (default: none)")
     parser.add_argument("--tune-minutes", type=float, default=None, help="cap on tuning time per build")
@@ -146,8 +164,8 @@ def main() -> None:
         return
     rows = []
     for key in [m for m in args.models.split(",") if m]:
-        if key not in MODELS:
-            raise SystemExit(f"unknown model '{key}'; models: {', '.join(MODELS)}")
+        if key not in MODELS and not key.startswith(SEARCHED):
+            raise SystemExit(f"unknown model '{key}'; models: {', '.join(MODELS)}, or {SEARCHED}WORKSPACE")
         for batch in [int(b) for b in args.batches.split(",")]:
             # each model in a fresh process, as a user runs one: nothing left over from the last model's engines
             with tempfile.TemporaryDirectory() as tmp:
