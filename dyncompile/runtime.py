@@ -34,6 +34,7 @@ import numpy as np
 from dyncompile.deployable import (LIBRARY, WEIGHTS, DeployableError, DeployedSubnet, Manifest, ParamSlice,
                                    read_manifest)
 from dyncompile.targets import UnknownTargetError, check_board_for, get_target
+from dyncompile.thread_guard import shared_guard
 
 __all__ = ["DeployedModel", "LocalModel", "BoardModel", "SubnetInfo", "load", "read_weights", "subnet_inputs"]
 
@@ -166,6 +167,8 @@ class LocalModel(DeployedModel):
         self._vm = vm
         self._device = device
         self._weights = weights
+        # CPU calls are synchronous and share TVM's thread pool with whatever else runs: time them (thread_guard.py)
+        self._guard = shared_guard() if manifest.target.device == "cpu" else None
 
     def _input(self, x: Any) -> Any:
         import tvm
@@ -173,7 +176,21 @@ class LocalModel(DeployedModel):
         return tvm.runtime.tensor(self._array(x), self._device)
 
     def _call(self, name: str, x: Any) -> Any:
-        return self._vm[self._records[name].function](x, *self._weights[name])
+        function = self._vm[self._records[name].function]
+        if self._guard is None:
+            return function(x, *self._weights[name])
+        key = (id(self), name)
+        self._guard.before(key)
+        start = time.perf_counter()
+        out = function(x, *self._weights[name])
+        self._guard.after(key, time.perf_counter() - start)
+        return out
+
+    @property
+    def threads(self) -> int | None:
+        """CPU threads the next call runs with (fewer than the cores while the machine is busy, see
+        `dyncompile.thread_guard`); None where the guard is off or the device is not the CPU."""
+        return None if self._guard is None else self._guard.threads
 
     def _execute(self, name: str, x: np.ndarray) -> list[np.ndarray]:
         return _numpy_leaves(self._call(name, self._input(x)))

@@ -5,7 +5,6 @@ MetaSchedule test is `slow`.
 """
 
 import json
-import os
 import shutil
 
 import numpy as np
@@ -119,6 +118,21 @@ def test_every_subnet_matches_pytorch(built):
         assert torch.allclose(got, expected, atol=1e-4, rtol=0), name
         as_numpy = model.run(x.numpy(), subnet=name)  # numpy in, numpy out
         assert isinstance(as_numpy, np.ndarray) and np.allclose(as_numpy, expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_calls_on_a_cpu_run_under_the_thread_guard(built, monkeypatch):
+    """Every call is timed by the process's guard over TVM's pool (`dyncompile.thread_guard`); a model loaded with
+    the guard turned off has none."""
+    from dyncompile import thread_guard
+
+    monkeypatch.delenv(thread_guard.GUARD_ENV, raising=False)
+    model = runtime.load(built[3])
+    guard = thread_guard.shared_guard()
+    assert model.threads == guard.threads >= 1
+    model.run(np.zeros((1, 3, 32, 32), np.float32), subnet="w25")
+    assert (id(model), "w25") in guard._fastest  # the guard timed the call
+    monkeypatch.setenv(thread_guard.GUARD_ENV, "off")
+    assert runtime.load(built[3]).threads is None
 
 
 def test_input_shape_is_checked(built):
