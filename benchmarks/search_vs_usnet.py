@@ -9,8 +9,9 @@
    `--work`), and converts it (`--groups 8`): every method starts from this same trained model.
 2. Method variants: `usnet` (published recipe, convert's channel order), `usnet+l1` / `usnet+noise` (US-Nets after
    the same channel ranking the progressive search does), `progressive`, `progressive+l1`, `progressive+none`,
-   `progressive+lazy` (the lazy greedy step, issue 14); `+field=value` sets any `SearchOptions` field
-   (`progressive+lazy+finetune_check_images=1024`, `usnet+epochs=1`: US-Nets at the same epochs, for wall time).
+   `progressive+lazy` (the lazy greedy step, issue 14: the default since the fourth session, so the same as
+   `progressive` now); `+field=value` sets any `SearchOptions` field (`progressive+greedy=exhaustive`, the paper's
+   step; `progressive+finetune_check_images=1024`; `usnet+epochs=1`: US-Nets at the same epochs, for wall time).
 3. `--usnet-lrs`: US-Nets' learning rate is chosen per variant on the *search split* (seed 0, mean accuracy of
    its chosen sub-nets), from that sweep; `--usnet-compute equal` trains US-Nets for as many epochs as give it
    the training compute (forward GMACs of every sub-net pass, logged by the runs) the progressive run spent in

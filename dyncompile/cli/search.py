@@ -113,9 +113,9 @@ def search(
     noise_epochs: Annotated[float, typer.Option(help="Epochs of the noise-ranking pass.")] = 1.0,
     noise_init: Annotated[float, typer.Option(help="Initial noise scale per group (0 or 0.25 in the paper's spirit).")] = 0.25,
     floor: Annotated[float, typer.Option(help="Smallest fraction of a set's channels the search may keep.")] = 0.25,
-    greedy: Annotated[str, typer.Option(help="exhaustive: each step scores every set (the paper); lazy: each step "
-                                             "re-scores only the sets whose last score could win (a few "
-                                             "evaluations a step, whatever the number of sets).")] = "exhaustive",
+    greedy: Annotated[str, typer.Option(help="lazy: each step re-scores only the sets whose last score could win "
+                                             "(a few evaluations a step, whatever the number of sets); "
+                                             "exhaustive: each step scores every set (the paper).")] = "lazy",
     lazy_scores: Annotated[int, typer.Option(help="lazy: at most this many re-scored sets a step, besides new "
                                                   "ones and the oldest score.")] = 4,
     finetune_threshold: Annotated[float, typer.Option(help="Fine-tune when search accuracy falls below: full "

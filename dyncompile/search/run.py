@@ -78,7 +78,7 @@ class SearchOptions:
     noise_lr: float = 0.05
     # progressive search
     floor: float = 0.25  # smallest fraction of a set's channels the search may keep
-    greedy: str = "exhaustive"  # "exhaustive": score every set each step; "lazy": stale bounds, re-score the top
+    greedy: str = "lazy"  # "lazy": stale bounds, re-score the top few; "exhaustive": score every set each step
     lazy_scores: int = 4  # lazy: at most this many re-scored candidates a step (besides new and oldest bounds)
     finetune_threshold: float = 0.05  # see threshold_mode
     threshold_mode: str = "drop"  # "drop": full search accuracy minus T; "absolute": accuracy T

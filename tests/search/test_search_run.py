@@ -40,7 +40,7 @@ def progressive(trained_workspace, tmp_path_factory):
 
     ws = tmp_path_factory.mktemp("progressive") / "ws"
     shutil.copytree(trained_workspace, ws)
-    options = SearchOptions(method="progressive", **TINY)
+    options = SearchOptions(method="progressive", greedy="exhaustive", **TINY)  # the paper's step: every set scored
     result = SearchRun(ws, options, procs=Processes()).run()
     return ws, options, result
 
