@@ -95,7 +95,8 @@ def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="dyncompile-latency-") as tmp:
         result = build(dg, subnets, target="cpu", batch_size=batch, layout=args.layout, own_tensors=own_tensors,
                        tune_trials=args.tune_trials or (64 if args.tune_minutes else 0), tune_minutes=args.tune_minutes,
-                       tuning_dir=tuning_dir_for(args.workspace / f"{Path(key).name}-b{batch}", "cpu") if tuned else None)
+                       tuning_dir=(tuning_dir_for(args.workspace / f"{Path(key).name}-b{batch}", "cpu")
+                                   if tuned else None))
         build_s = time.perf_counter() - start
         _log(f"{key} batch {batch}: built in {build_s:.0f} s"
              + (f" (tuning {result.tuning.seconds:.0f} s, {result.tuning.tasks} kernels)" if result.tuning else ""))

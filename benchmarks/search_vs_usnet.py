@@ -87,7 +87,8 @@ def train_full_model(path: Path, factory: str, *, train_limit: int, epochs: int,
 
 
 def convert(state_dict: Path, factory: str, workspace: Path, groups: int) -> None:
-    cmd = [sys.executable, "-m", "dyncompile", "convert", str(state_dict), "--arch", factory, "--input-shape", ",".join(map(str, INPUT_SHAPE)),
+    cmd = [sys.executable, "-m", "dyncompile", "convert", str(state_dict), "--arch", factory,
+           "--input-shape", ",".join(map(str, INPUT_SHAPE)),
            "--groups", str(groups), "--workspace", str(workspace), "--json"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 

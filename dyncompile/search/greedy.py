@@ -3,9 +3,9 @@
 - ``exhaustive`` (the paper): score every neighbour on the search split. A step costs one evaluation per set not
   at its floor, and the number of steps grows with the sets too, so the whole search is quadratic in the number
   of channel sets.
-- ``lazy`` (Minoux's lazy greedy, the default): every set keeps a *bound*, the accuracy change (neighbour minus current) it
-  showed when it was last scored. Dropping one set's group rarely makes another set's drop hurt less, so an old
-  bound is an optimistic estimate. A step scores the sets without a bound and the one with the oldest bound
+- ``lazy`` (Minoux's lazy greedy, the default): every set keeps a *bound*, the accuracy change (neighbour minus
+  current) it showed when it was last scored. Dropping one set's group rarely makes another set's drop hurt less,
+  so an old bound is an optimistic estimate. A step scores the sets without a bound and the one with the oldest bound
   (so every bound is refreshed within about one step per set), then re-scores the set with the best bound until
   that set is one scored in this step, or `max_scores` more have been scored. A step then costs a few
   evaluations, whatever the number of sets.

@@ -5,8 +5,9 @@
 2. search    shrink from the full model: each step tries dropping the next group of every set not at its floor,
              scores each candidate on the held-out search split (BN on batch statistics), commits the best.
              Every committed step is a candidate sub-net (`greedy="lazy"`, the default, re-scores only the
-             sets whose last score says they might win; "exhaustive" scores every set: `greedy.py`). Below the fine-tuning threshold, the current sub-net
-             is fine-tuned jointly with the larger ones until it is back over it (or the epoch cap).
+             sets whose last score says they might win; "exhaustive" scores every set: `greedy.py`). Below
+             the fine-tuning threshold, the current sub-net is fine-tuned jointly with the larger ones until it
+             is back over it (or the epoch cap).
 3. select    re-measure every candidate with the current weights (`remeasure_chain`), drop candidates a smaller
              one beats beyond the split's noise; per budget keep the largest of the most accurate ones at or
              under it (`budget_window="around"`: within ± tolerance, the paper's), each budget its own.

@@ -71,7 +71,8 @@ def test_functions_compute_the_same_after_sharing():
         rng = np.random.default_rng(0)
         out = []
         for name, width in (("wide", 64), ("narrow", 24), ("wide", 64)):  # narrow reuses wide's blocks, and back
-            args = [rng.standard_normal(s).astype("float32") for s in ((1, 16), (16, width), (width, width), (width, 4))]
+            shapes = ((1, 16), (16, width), (width, width), (width, 4))
+            args = [rng.standard_normal(s).astype("float32") for s in shapes]
             out.append(vm[name](*[tvm.runtime.tensor(a) for a in args]).numpy())
         results.append(out)
     for a, b in zip(*results):
