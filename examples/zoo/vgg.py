@@ -44,7 +44,7 @@ class VGGCifar(nn.Module):
         super().__init__()
         self.features = make_features(config, batch_norm=True, in_channels=in_channels)
         self.classifier = nn.Sequential(
-            nn.Linear(config[-1] * map_size * map_size, hidden),
+            nn.Linear([c for c in config if c != "M"][-1] * map_size * map_size, hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(0.5),
             nn.Linear(hidden, num_classes),
