@@ -103,7 +103,10 @@ def test_one_core_or_turned_off_means_no_guard(monkeypatch):
 def test_a_loaded_cpu_model_runs_under_the_guard(monkeypatch):
     """The real pool: a deployable's calls go through the shared guard, which resizes TVM's pool."""
     tvm = pytest.importorskip("tvm")
+    from dyncompile.targets import get_target
+
     monkeypatch.delenv(thread_guard.GUARD_ENV, raising=False)
+    get_target("cpu").runtime_setup()  # what `runtime.load` does before the guard is made: the pool's size
     pool_threads = tvm.get_global_func("runtime.NumThreads")
     guard = thread_guard.shared_guard()  # maybe made by an earlier test, and on one thread if the machine was busy
     assert guard is not None and int(pool_threads()) == guard.threads <= guard.cores
