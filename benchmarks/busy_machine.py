@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dyncompile-busy-") as tmp:
         deployable = args.deployable or build_default(Path(tmp) / "deploy")
         print(f"{deployable}: {os.cpu_count()} CPUs; per sub-net median / p90 / slowest ms of {args.calls} calls")
-        print("| busy processes | guard | " + " | ".join(["sub-nets"]) + " | threads at the end |")
+        print("| busy processes | guard | sub-nets | threads at the end |")
         print("|---|---|---|---|")
         for busy in [0, *(int(b) for b in args.busy.split(",") if b)]:
             spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]

@@ -84,20 +84,11 @@ def share_activation_storage(skip: Callable[[str], bool] = lambda name: False) -
                         sizes.append(0)
                     sizes[k] = max(sizes[k], _constant_size(call))
             ranked[gv] = by_key
-        if sum(len(calls) for by_key in ranked.values() for calls in by_key.values()) == 0:
-            return mod
-
-        updates = {}
-        for gv, func in functions.items():
-            new_size = {}
-            for key, calls in ranked[gv].items():
-                for k, call in enumerate(calls):
-                    if shared[key][k] != _constant_size(call):
-                        new_size[call] = shared[key][k]
+        for gv, func in functions.items():  # a snapshot: replacing functions of `mod` below is safe
+            new_size = {call: shared[key][k] for key, calls in ranked[gv].items()
+                        for k, call in enumerate(calls) if shared[key][k] != _constant_size(call)}
             if new_size:
-                updates[gv] = _resize(func, new_size)
-        for gv, func in updates.items():
-            mod[gv] = func
+                mod[gv] = _resize(func, new_size)
         return mod
 
     return transform

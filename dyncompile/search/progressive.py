@@ -28,7 +28,7 @@ from dyncompile.ir import ChannelSet, DynGraph, SubnetConfig
 from dyncompile.search.greedy import pick_exhaustive, pick_lazy
 from dyncompile.search.methods import SearchMethod, register_search_method
 from dyncompile.search.result import SearchResult, subnet_name
-from dyncompile.search.run import SearchRun
+from dyncompile.search.run import SearchOptions, SearchRun
 from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets
 from dyncompile.search.subnets import full_config
 
@@ -121,7 +121,7 @@ def _search(run: SearchRun) -> None:
     run.finish_phase("search")
 
 
-def finetune_check_every(o) -> int:
+def finetune_check_every(o: SearchOptions) -> int:
     """Training steps between a fine-tune's accuracy checks. Most fine-tunes are back over the threshold within a
     few steps, and a check (one pass over the search split) costs about a tenth of the steps between two checks,
     so checks come every `finetune_check_images` images: a fixed count, not a fraction of the epoch, so a larger
