@@ -7,6 +7,7 @@ through /proc/self/clear_refs after the imports), each as an increase over the r
 a multiple of the full weights' bytes; and the bytes of the distinct weight tensors the loaded model holds.
 
     .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --workspace WS   # a workspace's sub-nets instead (a search's, if it ran)
 """
 
 from __future__ import annotations
@@ -45,32 +46,43 @@ print(json.dumps({"base": base, "loaded": loaded, "load_peak": load_peak, "ran":
 
 
 def main() -> None:
+    import argparse
+
     import torch
 
-    from dyncompile.build import build, uniform_subnets
+    from dyncompile.build import build, build_deployable, uniform_subnets
     from dyncompile.deployable import write_deployable
     from dyncompile.pipeline import analyse_model
+    from dyncompile.workspace import load_workspace
     from dyncompile.zoo.resnet import resnet18
 
-    torch.manual_seed(0)
-    dg = analyse_model(resnet18().eval(), (1, 3, 224, 224), groups=8)
-    weights = sum(t.numel() * t.element_size() for t in dg.gm.state_dict().values())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workspace", help="build this workspace's sub-nets (its search's, if one ran) instead")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        out = write_deployable(Path(tmp) / "d", build(dg, uniform_subnets(dg)), dg)
+        if args.workspace:
+            dg = load_workspace(args.workspace).dg
+            built = build_deployable(args.workspace, output=Path(tmp) / "d", measure=False)
+            out, what = built.path, f"{args.workspace}: sub-nets {', '.join(s.name for s in built.result.subnets)}"
+        else:
+            torch.manual_seed(0)
+            dg = analyse_model(resnet18().eval(), (1, 3, 224, 224), groups=8)
+            out = write_deployable(Path(tmp) / "d", build(dg, uniform_subnets(dg)), dg)
+            what = "ResNet-18 224×224, sub-nets w100/w75/w50/w25"
+        weights = sum(t.numel() * t.element_size() for t in dg.gm.state_dict().values())
         on_disk = (out / "weights.npz").stat().st_size
         got = json.loads(subprocess.run([sys.executable, "-c", MEASURE, str(out)], check=True, capture_output=True,
                                         text=True).stdout.strip().splitlines()[-1])
     mb = 1 / 2**20
-    print(f"ResNet-18 224×224, sub-nets w100/w75/w50/w25 in one cpu deployable; full weights {weights * mb:.1f} MB "
-          f"({on_disk * mb:.1f} MB weights.npz)")
+    print(f"{what} in one cpu deployable; full weights {weights * mb:.2f} MB ({on_disk * mb:.2f} MB weights.npz)")
     print("| state | MB | × full weights |\n|---|---|---|")
-    print(f"| weight tensors the loaded model holds (distinct buffers over all sub-nets) | {got['held'] * mb:.1f} | "
+    print(f"| weight tensors the loaded model holds (distinct buffers over all sub-nets) | {got['held'] * mb:.2f} | "
           f"{got['held'] / weights:.2f} |")
     rows = (("RSS increase, loaded", got["loaded"]), ("RSS peak while loading (VmHWM)", got["load_peak"]),
             ("RSS increase after one run of each sub-net (steady: weights + activations)", got["ran"]),
             ("RSS peak while loading and running", got["peak"]))
     for label, value in rows:
-        print(f"| {label} | {(value - got['base']) * mb:.1f} | {(value - got['base']) / weights:.2f} |")
+        print(f"| {label} | {(value - got['base']) * mb:.2f} | {(value - got['base']) / weights:.2f} |")
 
 if __name__ == "__main__":
     main()

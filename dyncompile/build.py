@@ -1,6 +1,7 @@
 """Build: compile every selected sub-net for one target into ONE library (issue 4), and write the deployable.
 
     DynGraph + {name: SubnetConfig}                                   (dyncompile.subnet_choice chooses them)
+      ──plan_channel_order──▶ the order that makes every cut a prefix    (targets/channel_order.py)
       ──import_subnet──▶ one Relax function per sub-net + its weight recipe   (targets/relax_import.py)
       ──prepare──▶ decomposed, weight arithmetic lifted, legalized, fused     (targets/pipeline.py)
       ──tune (optional)──▶ MetaSchedule, one database for all sub-nets       (targets/tuning.py)
@@ -32,6 +33,7 @@ from dyncompile.subnet_choice import subnets_from_workspace, uniform_subnets, wo
 from dyncompile.targets import check_board_for, get_target
 from dyncompile.targets.pipeline import (TRANSFORM_SUFFIX, apply_database, compile_module, entry_module,
                                          is_scheduled, kernels, prepare)
+from dyncompile.targets.channel_order import ChannelOrder, plan_channel_order
 from dyncompile.targets.relax_import import BuildError, SubnetBuild, import_subnet
 from dyncompile.targets.shared_weights import shared_layouts
 from dyncompile.targets.tuning import Progress, TuningReport, check_tuning_options, tune, tuning_dir_for
@@ -57,6 +59,8 @@ class BuildResult:
     tuning: TuningReport | None
     compile_s: float
     pass_log: list[tuple[str, float]] = field(default_factory=list)  # (pass, seconds)
+    channel_order: ChannelOrder | None = None  # the order the full tensors are stored in (None: the model's)
+    notes: list[str] = field(default_factory=list)  # for the user: e.g. why the weights could not be ordered
 
 
 def _check_build_arguments(subnets: dict[str, SubnetConfig], batch_size: int, tune_trials: int,
@@ -108,11 +112,12 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     runner = (kind.tuning_runner(rpc=rpc) if rpc else kind.tuning_runner()) if tune_trials else None
     records: list[SubnetBuild] = []
     functions = {}
+    order, why_unordered = plan_channel_order(dg, subnets, own_tensors)
     for name, config in subnets.items():
         if progress:
             progress("import", name)
         functions[name], record = import_subnet(dg, name, config, batch_size,
-                                                own_tensors=(own_tensors or {}).get(name))
+                                                own_tensors=(own_tensors or {}).get(name), order=order)
         records.append(record)
     if progress:
         progress("prepare", f"{len(functions)} sub-nets in one module")
@@ -146,7 +151,7 @@ def build(dg: DynGraph, subnets: dict[str, SubnetConfig], *, target: str = "cpu"
     return BuildResult(target_name=target, target=tvm_target, target_facts=kind.describe(tvm_target),
                        executable=executable, subnets=records, input_shape=(batch_size, *dg.input_shape[1:]),
                        input_dtype=input_dtype, batch_size=batch_size, tuning=report, compile_s=compile_s,
-                       pass_log=log)
+                       pass_log=log, channel_order=order, notes=[why_unordered] if why_unordered else [])
 
 
 # ── from a workspace to a deployable folder ──
@@ -212,6 +217,10 @@ def build_deployable(workspace: str | Path, *, target: str = "cpu", target_optio
                    tuning_dir=tuning_dir_for(workspace, target) if tune_trials else None,
                    rpc=rpc, own_tensors=source.own_tensors, progress=progress)
     tuning, tuned_kept = TuningSummary.of(result.tuning), True
+    for note in result.notes:
+        notes.append(note)
+        if progress:
+            progress("note", note)
     if progress:
         progress("write", "the deployable")
     path = Path(output) if output is not None else default_output(workspace, target)

@@ -242,19 +242,27 @@ class TensorSpec:
     # weights.npz only: the tensor is stored in the layout kernels read in place (targets/shared_weights.py);
     # `shape` is the stored shape
     layout: StoredLayout | None = None
+    # weights.npz only: per dim, the model's indices in the order they are stored (None: the model's order), so
+    # every sub-net's cut is a prefix (targets/channel_order.py); recipes index the tensor in this order
+    channel_order: tuple[tuple[int, ...] | None, ...] | None = None
 
     def to_json(self) -> dict:
         out = {"shape": list(self.shape), "dtype": self.dtype}
         if self.layout is not None:
             out["layout"] = self.layout.to_json()
+        if self.channel_order is not None:
+            out["channel_order"] = [None if o is None else list(o) for o in self.channel_order]
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> TensorSpec:
-        return cls(tuple(d["shape"]), d["dtype"], StoredLayout.from_json(d.get("layout")))
+        order = d.get("channel_order")
+        return cls(tuple(d["shape"]), d["dtype"], StoredLayout.from_json(d.get("layout")),
+                   None if order is None else tuple(None if o is None else tuple(o) for o in order))
 
     def unstored(self, stored: np.ndarray) -> np.ndarray:
-        """The tensor in the model's own layout (a view of `stored` unless its layout has blocks)."""
+        """The tensor in the model's own layout (a view of `stored` unless its layout has blocks), its channels
+        still in `channel_order` (the order recipes index)."""
         return stored if self.layout is None else self.layout.unstore(stored)
 
 
@@ -444,7 +452,10 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
+        order = result.channel_order
         full = {k: v.detach().cpu().numpy() for k, v in dg.gm.state_dict().items()}
+        if order is not None:
+            full = {k: order.store(k, v) for k, v in full.items()}
         for s in result.subnets:
             clash = sorted(set(s.own_tensors) & set(full))
             if clash:
@@ -465,7 +476,8 @@ def _write_deployable(out: Path, result, dg, *, model: dict | None, accuracy: di
             input=InputSpec(tuple(result.input_shape), result.input_dtype, result.batch_size),
             library=LIBRARY,
             weights=WeightsFile(WEIGHTS, int(sum(a.nbytes for a in full.values())),
-                                {k: TensorSpec(tuple(a.shape), str(a.dtype), layouts.get(k))
+                                {k: TensorSpec(tuple(a.shape), str(a.dtype), layouts.get(k),
+                                               None if order is None else order.stored_order(k))
                                  for k, a in full.items()}),
             tuning=TuningSummary.of(result.tuning),
             latency=None,  # how latency_ms was measured, once a bench recorded it

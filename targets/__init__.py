@@ -10,6 +10,7 @@ modules import TVM only inside their functions, so listing or looking up targets
 
 Beside the target modules, the compile steps every target goes through:
 
+    channel_order.py  the order the full weights are stored in, so every sub-net's cut of them is a prefix
     relax_import.py   one sub-net → a Relax function + the recipe that cuts its weights from the full ones
     pipeline.py       the prepare pass list, applying tuning records, the target's schedules and lowering
     tuning.py         MetaSchedule tuning, one database and ledger per target, resumable

@@ -24,6 +24,7 @@ from dyncompile.errors import DyncompileError, one_line
 from dyncompile.ir import DynGraph, SubnetConfig, output_tensors
 from dyncompile.measure import count_macs, count_params
 from dyncompile.passes.extract import extract_with_indices
+from dyncompile.targets.channel_order import ChannelOrder
 from dyncompile.targets.shared_weights import FULL_SHAPES
 
 __all__ = ["BuildError", "SubnetBuild", "ScaleShiftBatchNorm", "for_inference", "import_subnet"]
@@ -118,13 +119,15 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int = 1, *,
-                  own_tensors: dict[str, torch.Tensor] | None = None) -> tuple[Any, SubnetBuild]:
+                  own_tensors: dict[str, torch.Tensor] | None = None, order: ChannelOrder | None = None
+                  ) -> tuple[Any, SubnetBuild]:
     """Extract sub-net `config`, export it and import it into Relax as a function called `name`.
 
     `own_tensors`: full-model tensors this sub-net has its own values for (its BN statistics from search);
     where they differ from `dg`'s, the sub-net's inputs point to its own copy (`SubnetBuild.own_tensors`).
     A tensor not cut from the full one by index lists (e.g. a grouped conv's weight slimmed by position) is
-    stored as the sub-net's own copy too.
+    stored as the sub-net's own copy too. `order`: the order the deployable stores the full tensors in
+    (`channel_order.py`); the sub-net's inputs are then cut from, and ordered as, those stored tensors.
     """
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
@@ -168,11 +171,14 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
     for relax_name, source in names.items():
         value = state[source]
         recipe = recipes.get(source)
+        stored = shared_state[source].numpy()
+        if recipe is not None and order is not None:
+            value, recipe = order.reorder_values(source, recipe, value)
+            stored = order.store(source, stored)
         index = None if recipe is None else tuple(None if i is None else tuple(int(v) for v in i) for i in recipe)
         s = None if index is None else ParamSlice(relax_name, source, index, tuple(value.shape), _dtype_name(value))
         # not cut by index lists, or the sub-net has its own values (search BN statistics): its own copy
-        if s is None or (own_tensors and source in own_tensors
-                         and not np.array_equal(s.cut(shared_state[source].numpy()), value.numpy())):
+        if s is None or (own_tensors and source in own_tensors and not np.array_equal(s.cut(stored), value.numpy())):
             key = own_tensor_key(name, source)
             own[key] = np.ascontiguousarray(value.numpy())
             s = ParamSlice(relax_name, key, (None,) * value.dim(), tuple(value.shape), _dtype_name(value))
