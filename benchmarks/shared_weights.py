@@ -1,6 +1,7 @@
 """What reading shared weights in place costs or buys, side by side in one process (issue 11's memory route).
 
-For each model and batch size the four uniform widths are built twice, as `dyncompile build --target cpu` builds
+For each model and batch size the four uniform widths (or `search:WORKSPACE`: a search's sub-nets, their weights
+in the stored channel order of targets/channel_order.py) are built twice, as `dyncompile build --target cpu` builds
 them (`layout="blocked"`: every sub-net reads each conv and dense weight from one stored tensor,
 targets/shared_weights.py) and with each sub-net's own blocked copy of its weights (`layout="blocked-copies"`,
 what builds did before). Both deployables are loaded with `dyncompile.runtime.load`, every output is checked
@@ -22,14 +23,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from dyncompile import runtime  # noqa: E402
 from dyncompile.bench import interleaved_medians  # noqa: E402
-from dyncompile.build import build, uniform_subnets  # noqa: E402
+from dyncompile.build import build  # noqa: E402
 from dyncompile.deployable import write_deployable  # noqa: E402
-from dyncompile.pipeline import analyse_model  # noqa: E402
-from latency import MODELS  # noqa: E402  (the same models as benchmarks/latency.py)
+from latency import MODELS, model_subnets  # noqa: E402  (the same models as benchmarks/latency.py)
 
 LAYOUTS = ("blocked", "blocked-copies")
 
@@ -41,15 +40,13 @@ def held_bytes(model: runtime.LocalModel) -> int:
 
 
 def compare(key: str, batch: int, repeats: int, workdir: Path) -> None:
-    factory, input_shape = MODELS[key]
-    torch.manual_seed(0)
-    dg = analyse_model(factory().eval(), (1, *input_shape[1:]), groups=8)
+    dg, subnets, own_tensors, _ = model_subnets(key, argparse.Namespace(group_multiple=1))
     weights = sum(t.numel() * t.element_size() for t in dg.gm.state_dict().values() if t.is_floating_point())
     models = {}
     for layout in LAYOUTS:
-        result = build(dg, uniform_subnets(dg), target="cpu", batch_size=batch, layout=layout)
-        models[layout] = runtime.load(write_deployable(workdir / f"{key}-{batch}-{layout}", result, dg))
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape[1:])).astype("float32")
+        result = build(dg, subnets, target="cpu", batch_size=batch, layout=layout, own_tensors=own_tensors)
+        models[layout] = runtime.load(write_deployable(workdir / f"{Path(key).name}-{batch}-{layout}", result, dg))
+    x = np.random.default_rng(0).standard_normal((batch, *dg.input_shape[1:])).astype("float32")
     print(f"\n{key}, batch {batch}: weights {weights / 2**20:.1f} MB; held by the loaded model: "
           + ", ".join(f"{layout} {held_bytes(m) / 2**20:.1f} MB ({held_bytes(m) / weights:.2f}×)"
                       for layout, m in models.items()))
@@ -67,7 +64,7 @@ def compare(key: str, batch: int, repeats: int, workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet20-fashion,mobilenetv2-224,resnet18-224",
-                        help=f"of {', '.join(MODELS)}")
+                        help=f"of {', '.join(MODELS)}, or search:WORKSPACE (the sub-nets a search chose there)")
     parser.add_argument("--batches", default="1")
     parser.add_argument("--repeats", type=int, default=160, help="timed calls per build and sub-net")
     args = parser.parse_args()
