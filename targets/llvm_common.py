@@ -4,7 +4,8 @@
     largest_divisor(n, at_most)   # the block and tile sizes of blocked layouts and default schedules
     vector_lanes(target)      # fp32 lanes of the widest vector unit the build may use (16 AVX-512, 8 AVX, 4 NEON)
     physical_cores()          # the cores this process may run on, hyper-threads counted once
-    use_all_cores()           # TVM's thread pool sized to those cores (it otherwise takes half the CPUs on x86)
+    use_all_cores()           # TVM's thread pool sized to those cores (it otherwise takes half the CPUs on x86),
+                              # its workers not pinned (a pinned worker shares its core with the caller at times)
     build_candidate           # MetaSchedule's build function, without its slow tensor-intrinsics import
 """
 
@@ -15,10 +16,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ISA_FEATURE", "THREADS_ENV", "isa_features", "largest_divisor", "vector_lanes", "physical_cores",
+__all__ = ["BIND_ENV", "ISA_FEATURE", "THREADS_ENV", "isa_features", "largest_divisor", "vector_lanes", "physical_cores",
            "use_all_cores", "build_candidate"]
 
 THREADS_ENV = "TVM_NUM_THREADS"
+BIND_ENV = "TVM_BIND_THREADS"  # "1" (TVM's default): each worker pinned to a core
 
 # LLVM features that are instructions (not tuning hints such as "fast-lzcnt" or "slow-3ops-lea"): code built
 # with one of these enabled cannot run on a CPU that lacks it.
@@ -63,13 +65,19 @@ def physical_cores() -> int:
 
 
 def use_all_cores() -> int:
-    """Size TVM's CPU thread pool to `physical_cores()` unless the user set `TVM_NUM_THREADS`; returns the count.
+    """Size TVM's CPU thread pool to `physical_cores()` unless the user set `TVM_NUM_THREADS`, with its workers
+    left to the OS scheduler unless the user set `TVM_BIND_THREADS`; returns the thread count.
 
-    Without it TVM assumes two hyper-threads per core on x86 and starts half as many workers as there are CPUs:
-    on a 2-core machine without SMT, one thread (measured: ResNet-20 ran at half speed). The pool reads the
-    variable when it starts, so this must run before the first kernel; measurement workers inherit it.
+    Without the count TVM assumes two hyper-threads per core on x86 and starts half as many workers as there are
+    CPUs: on a 2-core machine without SMT, one thread (measured: ResNet-20 ran at half speed). Without unbinding,
+    TVM pins worker k to core k but leaves the calling thread (worker 0) free; when the OS puts the caller on
+    core 1, it shares that core with worker 1 and every call takes twice as long until it moves (measured: a
+    VGG-style sub-net 0.225 ms, 0.456 ms with the caller on core 1, 0.225 ms either way unbound). That made
+    whole benchmark rows twice as slow at random. The pool reads both variables when it is configured, so this
+    must run before the first kernel; measurement workers inherit them.
     """
     os.environ.setdefault(THREADS_ENV, str(physical_cores()))
+    os.environ.setdefault(BIND_ENV, "0")
     return int(os.environ[THREADS_ENV])
 
 

@@ -5,7 +5,10 @@ MetaSchedule test is `slow`.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,6 +138,27 @@ def test_calls_on_a_cpu_run_under_the_thread_guard(built, monkeypatch):
     assert runtime.load(built[3]).threads is None
 
 
+
+_THREAD_AFFINITIES = """
+import os, sys, numpy as np
+import dyncompile.runtime as runtime
+model = runtime.load(sys.argv[1])
+model.run(np.zeros(model.input_shape, np.float32), subnet="w100")
+allowed = sorted(os.sched_getaffinity(0))
+pinned = [t for t in os.listdir("/proc/self/task") if sorted(os.sched_getaffinity(int(t))) != allowed]
+print(len(os.listdir("/proc/self/task")), len(pinned), os.environ.get("TVM_BIND_THREADS"))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin a thread to one of them")
+def test_tvm_workers_are_left_to_the_scheduler(built):
+    """TVM pins its worker k to core k but not the calling thread, which then shares core 1 with worker 1 at
+    random and runs at half speed (llvm_common.use_all_cores); a loaded deployable's threads are all unpinned."""
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    got = subprocess.run([sys.executable, "-c", _THREAD_AFFINITIES, str(built[3])], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    threads, pinned, bind = int(got[0]), int(got[1]), got[2]
+    assert threads >= 2 and pinned == 0 and bind == "0"
 def test_input_shape_is_checked(built):
     model = runtime.load(built[3])
     with pytest.raises(DeployableError, match="batch size is fixed"):
