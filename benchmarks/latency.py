@@ -114,6 +114,7 @@ def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
                                           repeats=args.repeats)
             macs = next(s.macs for s in result.subnets if s.name == name)
             rows.append({"model": key, "batch": batch, "subnet": name, "macs_per_image": macs, "ms": medians,
+                         "tvm_threads": model_tvm.threads,  # the thread guard's count after the timing (None: off)
                          "max_error": error, "build_s": build_s,
                          "tuning_s": result.tuning.seconds if result.tuning else 0.0})
             _log(f"{key} b{batch} {name}: TVM {medians['tvm']:.3f} ms, ORT {medians['ort']:.3f} ms")
@@ -130,7 +131,7 @@ def bench_model(key: str, batch: int, args: argparse.Namespace) -> list[dict]:
 
 def markdown(rows: list[dict], peak: float) -> str:
     head = ["model", "batch", "sub-net", "MACs frac", "TVM ms", "ORT ms", "TVM ÷ ORT", "TVM GFLOP/s (% peak)",
-            "ORT GFLOP/s (% peak)", "lat frac TVM", "ratio goal", "scale goal"]
+            "ORT GFLOP/s (% peak)", "lat frac TVM", "ratio goal", "scale goal", "TVM threads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         g = r["gflops"]
@@ -139,7 +140,8 @@ def markdown(rows: list[dict], peak: float) -> str:
             f"{r['ms']['ort']:.3f}", f"{r['ms']['tvm'] / r['ms']['ort']:.2f}",
             f"{g['tvm']:.0f} ({100 * g['tvm'] / peak:.0f}%)", f"{g['ort']:.0f} ({100 * g['ort'] / peak:.0f}%)",
             f"{r['latency_fraction']:.3f}",
-            "yes" if r["goals"]["ratio"] else "**no**", "yes" if r["goals"]["scale"] else "**no**"]) + " |")
+            "yes" if r["goals"]["ratio"] else "**no**", "yes" if r["goals"]["scale"] else "**no**",
+            str(r.get("tvm_threads", "?"))]) + " |")
     return "\n".join(lines)
 
 
