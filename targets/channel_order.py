@@ -105,17 +105,14 @@ def plan_channel_order(dg: DynGraph, configs: dict[str, SubnetConfig],
     dim, or a sub-net whose output the new order would change)."""
     probe = index_probe(dg.gm)
     shapes = {k: tuple(v.shape) for k, v in dg.gm.state_dict().items()}
-    recipes = {}
-    for name, config in configs.items():
-        recipes[name] = extract_with_indices(dg, config, probe=probe, allow_non_slices=True)[1]
-        gathered = sorted(t for t, r in recipes[name].items() if r is None)
-        if gathered:
-            return None, f"sub-net '{name}' cuts '{gathered[0]}' by position: weights stored in the model's order"
+    recipes = {name: extract_with_indices(dg, config, probe=probe, allow_non_slices=True)[1]
+               for name, config in configs.items()}
+    gathered = sorted((t, name) for name, r in recipes.items() for t, cut in r.items() if cut is None)
     perms = {}
-    for tensor in sorted({t for r in recipes.values() for t in r}):
+    for tensor in sorted({t for r in recipes.values() for t, cut in r.items() if cut is not None}):
         by_dim = []
         for dim, size in enumerate(shapes[tensor]):
-            cuts = [r[tensor][dim] for r in recipes.values() if tensor in r]
+            cuts = [r[tensor][dim] for r in recipes.values() if r.get(tensor) is not None]
             try:
                 by_dim.append(_dim_order([None if c is None else c.numpy() for c in cuts], size))
             except ValueError:
@@ -124,6 +121,9 @@ def plan_channel_order(dg: DynGraph, configs: dict[str, SubnetConfig],
             perms[tensor] = tuple(by_dim)
     if not perms:
         return None, None
+    if gathered:  # its values follow no index list, so they cannot be put in the new order
+        tensor, name = gathered[0]
+        return None, f"sub-net '{name}' cuts '{tensor}' by position: weights stored in the model's order"
     order = ChannelOrder(perms)
     for name, config in configs.items():
         changed = _output_changes(dg.with_tensors((own_tensors or {}).get(name)), config, recipes[name], order)

@@ -100,3 +100,19 @@ def test_uniform_widths_are_stored_as_the_model_has_them():
     dg = analyse_model(_ResidualFlattenNet().eval(), (1, 1, 8, 8), groups=4)
     configs = {"w100": uniform_config(dg, 1.0), "w50": uniform_config(dg, 0.5)}
     assert plan_channel_order(dg, configs) == (None, None)
+
+
+
+def test_a_cut_by_position_keeps_the_models_order_and_says_why(monkeypatch):
+    """A tensor a layer rule cuts by position (no index list per dim; `test_cpu_build` builds a real one) cannot
+    follow a new order: the plan gives up with one line, and the build stores the weights as the model has them."""
+    import dyncompile.targets.channel_order as channel_order
+
+    dg, configs, _ = _searched_like()
+    recipes = {name: extract_with_indices(dg, config)[1] for name, config in configs.items()}
+    recipes["w50"]["fc.weight"] = None  # what extract_with_indices(allow_non_slices=True) gives for such a cut
+    by_config = {tuple(sorted(c.items())): recipes[name] for name, c in configs.items()}
+    monkeypatch.setattr(channel_order, "extract_with_indices",
+                        lambda dg, config, **kw: (None, by_config[tuple(sorted(config.items()))]))
+    order, why = plan_channel_order(dg, configs)
+    assert order is None and why == "sub-net 'w50' cuts 'fc.weight' by position: weights stored in the model's order"
