@@ -141,7 +141,7 @@ def markdown(rows: list[dict], peak: float) -> str:
             f"{g['tvm']:.0f} ({100 * g['tvm'] / peak:.0f}%)", f"{g['ort']:.0f} ({100 * g['ort'] / peak:.0f}%)",
             f"{r['latency_fraction']:.3f}",
             "yes" if r["goals"]["ratio"] else "**no**", "yes" if r["goals"]["scale"] else "**no**",
-            str(r.get("tvm_threads", "?"))]) + " |")
+            str(r["tvm_threads"])]) + " |")
     return "\n".join(lines)
 
 

@@ -113,9 +113,11 @@ def shared_guard() -> ThreadGuard | None:
         import tvm
 
         configure = tvm.get_global_func("runtime.config_threadpool")
+        from dyncompile.targets.llvm_common import THREADS_ENV
+
         # the count `runtime.load` asked for (targets' runtime_setup sets TVM_NUM_THREADS), else the pool's own
-        cores = int(os.environ.get("TVM_NUM_THREADS") or tvm.get_global_func("runtime.NumThreads")())
-        # mode 1 (TVM's kBig, what the pool starts with): every core, threads bound as TVM binds them
+        cores = int(os.environ.get(THREADS_ENV) or tvm.get_global_func("runtime.NumThreads")())
+        # mode 1 (TVM's kBig, what the pool starts with): every core, threads bound as TVM_BIND_THREADS says
         configure(1, cores)  # the pool may have started before TVM_NUM_THREADS was set: now it has `cores`
         _shared = ThreadGuard(cores, lambda n: configure(1, n))
     return _shared

@@ -126,17 +126,19 @@ def plan_channel_order(dg: DynGraph, configs: dict[str, SubnetConfig],
         return None, f"sub-net '{name}' cuts '{tensor}' by position: weights stored in the model's order"
     order = ChannelOrder(perms)
     for name, config in configs.items():
-        changed = _output_changes(dg.with_tensors((own_tensors or {}).get(name)), config, recipes[name], order)
+        changed = _output_changes(dg.with_tensors((own_tensors or {}).get(name)), config, recipes[name], order,
+                                  probe)
         if changed:
             return None, (f"sub-net '{name}' reads channels by position ({changed}): weights stored in the "
                           f"model's order")
     return order, None
 
 
-def _output_changes(dg: DynGraph, config: SubnetConfig, recipes: dict[str, Recipe], order: ChannelOrder
-                    ) -> str | None:
-    """Why sub-net `config` computes something else with its weights in the stored order (None: it does not)."""
-    sub, _ = extract_with_indices(dg, config, allow_non_slices=True)
+def _output_changes(dg: DynGraph, config: SubnetConfig, recipes: dict[str, Recipe], order: ChannelOrder,
+                    probe: tuple | None = None) -> str | None:
+    """Why sub-net `config` computes something else with its weights in the stored order (None: it does not).
+    `probe`: an `index_probe` of the model's weights to reuse (values do not matter to it, only shapes)."""
+    sub, _ = extract_with_indices(dg, config, probe=probe, allow_non_slices=True)
     sub = sub.eval()
     x = torch.randn((2, *dg.input_shape[1:]), generator=torch.Generator().manual_seed(0),
                     dtype=next(iter(dg.gm.parameters())).dtype)

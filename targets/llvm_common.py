@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BIND_ENV", "ISA_FEATURE", "THREADS_ENV", "isa_features", "largest_divisor", "vector_lanes", "physical_cores",
-           "use_all_cores", "build_candidate"]
+__all__ = ["BIND_ENV", "ISA_FEATURE", "THREADS_ENV", "isa_features", "largest_divisor", "vector_lanes",
+           "physical_cores", "use_all_cores", "build_candidate"]
 
 THREADS_ENV = "TVM_NUM_THREADS"
 BIND_ENV = "TVM_BIND_THREADS"  # "1" (TVM's default): each worker pinned to a core

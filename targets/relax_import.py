@@ -168,17 +168,22 @@ def import_subnet(dg: DynGraph, name: str, config: SubnetConfig, batch_size: int
     embedded += sum(t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
     shared_state = shared.gm.state_dict()
     slices, own, full_shapes = [], {}, {}
+
+    def stored(source: str) -> np.ndarray:
+        """The full tensor as the deployable stores it (the order its recipes index)."""
+        full = shared_state[source].numpy()
+        return full if order is None else order.store(source, full)
+
     for relax_name, source in names.items():
         value = state[source]
         recipe = recipes.get(source)
-        stored = shared_state[source].numpy()
         if recipe is not None and order is not None:
             value, recipe = order.reorder_values(source, recipe, value)
-            stored = order.store(source, stored)
         index = None if recipe is None else tuple(None if i is None else tuple(int(v) for v in i) for i in recipe)
         s = None if index is None else ParamSlice(relax_name, source, index, tuple(value.shape), _dtype_name(value))
         # not cut by index lists, or the sub-net has its own values (search BN statistics): its own copy
-        if s is None or (own_tensors and source in own_tensors and not np.array_equal(s.cut(stored), value.numpy())):
+        if s is None or (own_tensors and source in own_tensors
+                         and not np.array_equal(s.cut(stored(source)), value.numpy())):
             key = own_tensor_key(name, source)
             own[key] = np.ascontiguousarray(value.numpy())
             s = ParamSlice(relax_name, key, (None,) * value.dim(), tuple(value.shape), _dtype_name(value))
