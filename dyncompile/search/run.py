@@ -43,7 +43,7 @@ from dyncompile.search.result import SearchResult, SubnetRecord, result_dir, sav
 from dyncompile.search.subnets import (SharedSubnets, accuracy, accuracy_of, calibrate, config_key, correct,
                                       full_config)
 from dyncompile.search.train import (CHECKPOINT_FILE, Checkpoint, EventLog, Processes, cosine_lr, make_optimizer,
-                                     multi_subnet_step, step_generator)
+                                     multi_subnet_step, seeded_global_rng, step_generator)
 from dyncompile.workspace import load_workspace
 
 __all__ = ["SearchOptions", "SearchRun", "run_search"]
@@ -362,8 +362,10 @@ class SearchRun:
                         group["lr"] = cosine_lr(lr, step, total)
                     if scales is not None:
                         scales.generator = gen
-                    losses = multi_subnet_step(self.net, optimizer, x, y, configs, procs=self.procs, distill=distill,
-                                               transform=scales.transform if scales is not None else None)
+                    with seeded_global_rng(o.seed, run_id, step, self.procs.rank):
+                        losses = multi_subnet_step(self.net, optimizer, x, y, configs, procs=self.procs,
+                                                   distill=distill,
+                                                   transform=scales.transform if scales is not None else None)
                     step += 1
                     self.count_compute("train", run_id, configs, len(x) * self.procs.world_size)
                     self.progress("train", id=run_id, label=label or run_id, step=step, total=total,

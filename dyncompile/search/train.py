@@ -2,8 +2,9 @@
 processes (torchrun), deterministic randomness, atomic checkpoints and the JSON-lines log.
 
 Resume is exact because nothing random is carried in hidden state: the data order of (epoch, batch) comes from
-`dyncompile.data.loader(seed, epoch, start_batch)`, and every random draw of a step (sandwich widths, weight
-noise) comes from a generator seeded by `step_generator(seed, phase, step)`. A checkpoint therefore needs only
+`dyncompile.data.loader(seed, epoch, start_batch)`, every random draw of a step (sandwich widths, weight noise)
+comes from a generator seeded by `step_generator(seed, phase, step)`, and what the model's own layers draw from
+torch's global generator (dropout) is seeded per step too (`seeded_global_rng`). A checkpoint therefore needs only
 the weights, the optimizer state, the phase's position and its small Python state.
 
 Processes: under `torchrun` each rank trains on its shard of every batch order, gradients are averaged with
@@ -13,6 +14,7 @@ sub-nets), evaluation counts are summed, so every rank takes the same search dec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,8 +34,8 @@ from dyncompile.fileio import replace_durably
 from dyncompile.ir import SubnetConfig
 from dyncompile.search.subnets import SharedSubnets, soft_cross_entropy
 
-__all__ = ["Processes", "step_generator", "make_optimizer", "cosine_lr", "multi_subnet_step", "Checkpoint",
-           "CHECKPOINT_FILE", "EventLog"]
+__all__ = ["Processes", "step_seed", "step_generator", "seeded_global_rng", "make_optimizer", "cosine_lr",
+           "multi_subnet_step", "Checkpoint", "CHECKPOINT_FILE", "EventLog"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -90,10 +92,27 @@ class Processes:
             dist.barrier()
 
 
+def step_seed(seed: int, phase: str, step: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, phase, step)."""
+    digest = hashlib.sha256(f"{seed}/{phase}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     """The random source of one training step: a pure function of (seed, phase, step), so resume is exact."""
-    digest = hashlib.sha256(f"{seed}/{phase}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(step_seed(seed, phase, step))
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, phase: str, step: int, rank: int = 0):
+    """Seed torch's global generator for one step, and put the caller's state back afterwards.
+
+    Layers of the user's model draw from it (dropout: MobileNetV2's classifier); left alone, it is seeded
+    differently in every process, so two runs of the same search diverged from the ranking's first step. Each
+    rank gets its own stream, as DistributedDataParallel's ranks would."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(step_seed(seed, f"{phase}/global-rng/{rank}", step))
+        yield
 
 
 def make_optimizer(params: dict[str, nn.Parameter], *, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,

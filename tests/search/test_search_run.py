@@ -368,3 +368,30 @@ def test_usnet_can_start_from_the_same_channel_order_as_progressive(trained_work
     plain = SearchRun(fresh_copy(trained_workspace, "plain"), SearchOptions(method="usnet", **{**TINY, "epochs": 0}),
                       procs=Processes()).run()
     assert plain.group_order == {s.name: list(range(len(s.groups))) for s in dg.free_sets}
+
+
+def test_a_model_with_dropout_searches_the_same_whatever_the_global_generator_holds(tmp_path):
+    """Dropout draws from torch's global generator, which each process seeds differently: two runs of the same
+    search (same seed, options and model) once diverged from the noise ranking's first step. Every training step
+    now seeds it, so runs that start from different global states end identical."""
+    import shutil
+
+    from dyncompile.convert import convert
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    convert("tests.search.tiny_models:tiny_residual_cnn_dropout", workspace=base, groups=4, input_shape=(1, 1, 28, 28))
+    options = SearchOptions(method="progressive", train_full=0, **{**TINY, "noise_epochs": 0.25, "epochs": 0.25,
+                                                                     "subnets": (0.5, 1.0)})
+    runs = []
+    for global_seed in (1, 2):
+        ws = tmp_path / f"run{global_seed}"
+        shutil.copytree(base, ws)
+        torch.manual_seed(global_seed)
+        result = SearchRun(ws, options, procs=Processes()).run()
+        runs.append((ws, result))
+    (ws_a, a), (ws_b, b) = runs
+    assert a.group_order == b.group_order
+    assert [(s.config, s.accuracy) for s in a.subnets] == [(s.config, s.accuracy) for s in b.subnets]
+    strip = lambda log: [{k: v for k, v in e.items() if k != "time_s"} for e in log]  # noqa: E731
+    assert strip(read_log(ws_a, "progressive")) == strip(read_log(ws_b, "progressive"))

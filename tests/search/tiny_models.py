@@ -7,7 +7,7 @@ from torch import nn
 
 
 class TinyResidualCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 8):
+    def __init__(self, num_classes: int = 10, width: int = 8, dropout: float = 0.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU())
@@ -18,6 +18,7 @@ class TinyResidualCNN(nn.Module):
         self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(2 * width), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * width, num_classes)
 
     def forward(self, x):
@@ -26,11 +27,16 @@ class TinyResidualCNN(nn.Module):
         out = self.bn2(self.conv2(out))
         x = (out + x).relu()  # residual add: stem and conv2 share one channel set
         x = self.down(x)
-        return self.fc(self.pool(x).flatten(1))
+        return self.fc(self.dropout(self.pool(x).flatten(1)))
 
 
 def tiny_residual_cnn(num_classes: int = 10) -> nn.Module:
     return TinyResidualCNN(num_classes)
+
+
+def tiny_residual_cnn_dropout(num_classes: int = 10) -> nn.Module:
+    """Dropout before the classifier (as MobileNetV2 has): a layer that draws from torch's global generator."""
+    return TinyResidualCNN(num_classes, dropout=0.5)
 
 
 def pretrain(model: nn.Module, images: int = 2048, epochs: int = 2, seed: int = 0) -> nn.Module:
