@@ -134,8 +134,8 @@ def search(
                                                  "noise the larger one is kept. 0: any difference counts.")] = 2.0,
     joint_pool: Annotated[str, typer.Option(help="Joint training's middle sub-nets: chosen (what ships) or chain "
                                                  "(the whole filtered chain).")] = "chosen",
-    remeasure: Annotated[bool, typer.Option(help="Re-measure every candidate before filtering (fine-tunes after "
-                                                 "a step change its accuracy).")] = True,
+    remeasure: Annotated[bool, typer.Option(help="Re-measure every candidate a budget can choose before filtering "
+                                                 "(fine-tunes after a step change its accuracy).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search from its checkpoint.")] = False,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an interrupted search's checkpoint.")] = False,
     checkpoint_every: Annotated[float, typer.Option("--checkpoint-every", hidden=True,

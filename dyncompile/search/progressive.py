@@ -8,9 +8,10 @@
              sets whose last score says they might win; "exhaustive" scores every set: `greedy.py`). Below
              the fine-tuning threshold, the current sub-net is fine-tuned jointly with the larger ones until it
              is back over it (or the epoch cap).
-3. select    re-measure every candidate with the current weights (`remeasure_chain`), drop candidates a smaller
-             one beats beyond the split's noise; per budget keep the largest of the most accurate ones at or
-             under it (`budget_window="around"`: within ± tolerance, the paper's), each budget its own.
+3. select    re-measure every candidate a budget can choose, and every smaller one, with the current weights
+             (`remeasure_chain`), drop candidates a smaller one beats beyond the split's noise; per budget keep
+             the largest of the most accurate ones at or under it (`budget_window="around"`: within ± tolerance,
+             the paper's), each budget its own.
 4. joint     multi-sub-net training: largest on labels, smallest and two more sub-nets distilled from it
              (`joint_pool`: drawn from the chosen sub-nets, the default, or from the whole filtered chain).
 5. calibrate BN statistics per chosen sub-net, then the test split.
@@ -29,7 +30,7 @@ from dyncompile.search.greedy import pick_exhaustive, pick_lazy
 from dyncompile.search.methods import SearchMethod, register_search_method
 from dyncompile.search.result import SearchResult, subnet_name
 from dyncompile.search.run import SearchOptions, SearchRun
-from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets
+from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets, selectable_ceiling
 from dyncompile.search.subnets import full_config
 
 __all__ = ["floor_groups", "shrink_candidates", "finetune_check_every", "run_progressive"]
@@ -167,6 +168,11 @@ def _select(run: SearchRun) -> None:
         return
     chain = v["search"]["chain"]
     better = None
+    # Candidates above every budget's window can be neither chosen nor filter one that can (`selectable_ceiling`):
+    # they are not re-measured and not filtered, unless joint training draws from the whole filtered chain.
+    ceiling = 1.0 if o.joint_pool == "chain" else selectable_ceiling(o.subnets, o.tolerance, o.budget_window)
+    considered = [e for e in chain if e["step"] == 0 or e["macs_fraction"] <= ceiling + 1e-9]
+    above = [e for e in chain if e not in considered]
     if o.remeasure_chain:
         # A candidate's accuracy was measured when it was committed; every later fine-tune changed the shared
         # weights. Filtering on those stale numbers drops larger candidates as "dominated" by smaller,
@@ -174,16 +180,17 @@ def _select(run: SearchRun) -> None:
         # which images each gets right: the paired test needs them.
         rows = []
         with run.timed("remeasure"):
-            for entry in chain:
+            for entry in considered:
                 entry.setdefault("accuracy_at_step", entry["accuracy"])
                 correct = run.correct(entry["config"] if entry["step"] else None, "search", bn="batch")
                 entry["accuracy"] = run.accuracy_of(correct)
                 rows.append(correct)
-        counts = PairedCounts.from_correct([e["step"] for e in chain], torch.stack(rows))
+        counts = PairedCounts.from_correct([e["step"] for e in considered], torch.stack(rows))
         better = counts.reduced(run.procs.sum, len(run.splits.search)).better(o.select_z)
-        run.event("remeasure", accuracies=[round(e["accuracy"], 4) for e in chain])
+        run.event("remeasure", accuracies=[round(e["accuracy"], 4) for e in chain],
+                  not_remeasured=[e["step"] for e in above])
     rule = {} if better is None else {"better": better}
-    filtered = filter_chain(chain, **rule)
+    filtered = sorted(filter_chain(considered, **rule) + above, key=lambda e: -e["macs_fraction"])
     chosen, notes = select_for_budgets(chain, o.subnets, o.tolerance, o.budget_window, filtered=filtered, **rule)
     for text in notes:
         run.event("note", text=text)

@@ -88,7 +88,7 @@ class SearchOptions:
     tolerance: float = 0.05  # re-selection window around each budget, in MACs fraction
     budget_window: str = "under"  # "under": a cap, [budget - tolerance, budget]; "around": budget ± tolerance (paper)
     select_z: float = 2.0  # a candidate is worse only when z standard errors worse (paired, search split; 0: any)
-    remeasure_chain: bool = True  # re-measure every candidate before filtering (fine-tunes made them stale)
+    remeasure_chain: bool = True  # re-measure the candidates a budget can choose (fine-tunes made them stale)
     joint_pool: str = "chosen"  # joint training's two middle sub-nets: from the chosen ones or the whole chain
     # US-Nets
     min_width: float = 0.25

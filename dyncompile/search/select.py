@@ -25,7 +25,8 @@ import torch
 
 from dyncompile.errors import ConfigError
 
-__all__ = ["BUDGET_WINDOWS", "PairedCounts", "filter_chain", "select_for_budgets", "widths_for_budgets"]
+__all__ = ["BUDGET_WINDOWS", "PairedCounts", "filter_chain", "select_for_budgets", "selectable_ceiling",
+           "widths_for_budgets"]
 
 BUDGET_WINDOWS = ("under", "around")  # a cap (the default), or the paper's budget ± tolerance
 _EPS = 1e-9
@@ -96,6 +97,14 @@ def _pick(entries: list[dict], better: Better) -> dict:
     """The largest candidate that no other one is `better` than (the most accurate one, within the noise)."""
     best = max(entries, key=lambda e: (e["accuracy"], e["macs_fraction"]))
     return max((e for e in entries if not better(best, e)), key=lambda e: e["macs_fraction"])
+
+
+def selectable_ceiling(budgets: Sequence[float], tolerance: float, window: str = "under") -> float:
+    """The largest MACs fraction a candidate can have and still matter to `select_for_budgets` (besides the full
+    model): the top of the largest window below full width. A larger candidate is never chosen (every pick is in
+    a window or under a budget), and `filter_chain` drops a candidate only for a *smaller* one, so it cannot
+    filter one that can be chosen either. 0.0 when every budget is the full model."""
+    return max((_window(b, tolerance, window)[1] for b in budgets if b < 1 - _EPS), default=0.0)
 
 
 def select_for_budgets(chain: list[dict], budgets: Sequence[float], tolerance: float, window: str = "under",

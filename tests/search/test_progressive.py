@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dyncompile.errors import ConfigError, WorkspaceError
 from dyncompile.ir import ChannelSet, DynGraph, reorder_groups, uniform_config
 from dyncompile.pipeline import analyse_model
 from dyncompile.search.progressive import floor_groups, shrink_candidates
-from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets, widths_for_budgets
+from dyncompile.search.select import (PairedCounts, filter_chain, select_for_budgets, selectable_ceiling,
+                                     widths_for_budgets)
 from dyncompile.search.rank import group_order, l1_scores
 from dyncompile.search.result import SearchResult, apply_result
 from dyncompile.search.usnet import uniform_widths
@@ -159,6 +162,36 @@ def test_select_for_budgets_refuses_a_budget_nothing_fits():
     with pytest.raises(ConfigError, match="no sub-net fits 36%"):
         select_for_budgets(chain, [0.36], 0.05)  # a cap: 40% does not fit 36%
     assert chosen_steps(chain, [0.36], window="around")[0] == {0.36: 2}  # the paper's window does
+
+
+def test_selectable_ceiling_is_the_top_of_the_largest_window_below_full_width():
+    assert selectable_ceiling([0.1, 0.25, 0.5, 1.0], 0.05) == pytest.approx(0.5)
+    assert selectable_ceiling([0.25, 0.5], 0.05, "around") == pytest.approx(0.55)
+    assert selectable_ceiling([1.0], 0.05) == 0.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(candidates=st.lists(st.tuples(st.integers(5, 99), st.floats(0.3, 0.95)), min_size=1, max_size=20,
+                           unique_by=lambda c: c[0]),
+       budgets=st.sets(st.sampled_from([0.1, 0.25, 0.4, 0.5, 0.75, 1.0]), min_size=1),
+       window=st.sampled_from(["under", "around"]))
+def test_candidates_above_every_window_change_no_choice(candidates, budgets, window):
+    """The search re-measures and filters only candidates at or under `selectable_ceiling` (issue 14): leaving
+    the others out of the filter (and keeping them unfiltered) must choose exactly what filtering all would."""
+    ordered = sorted(candidates, reverse=True)  # a chain: MACs (in percent) fall step by step
+    chain = [entry(1.0, 0.97, 0)] + [entry(m / 100, a, i + 1) for i, (m, a) in enumerate(ordered)]
+    budgets = sorted(budgets)
+    ceiling = selectable_ceiling(budgets, 0.05, window)
+    considered = [e for e in chain if e["step"] == 0 or e["macs_fraction"] <= ceiling + 1e-9]
+    above = [e for e in chain if e not in considered]
+    pruned = sorted(filter_chain(considered) + above, key=lambda e: -e["macs_fraction"])
+    try:
+        expected = chosen_steps(chain, budgets, window=window, filtered=filter_chain(chain))
+    except ConfigError:
+        with pytest.raises(ConfigError):
+            chosen_steps(chain, budgets, window=window, filtered=pruned)
+        return
+    assert chosen_steps(chain, budgets, window=window, filtered=pruned) == expected
 
 
 # ── the paired noise test ──

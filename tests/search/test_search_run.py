@@ -343,6 +343,11 @@ def test_compute_is_logged_per_phase_for_both_methods(progressive, usnet):
     search_images = result.data["search"]
     assert parts["greedy"]["eval_subnet_images"] == (search_evals + 1) * search_images  # + the full model first
     assert parts["greedy"]["train_subnet_images"] == 0
+    # re-measure spends one pass each on the full model and the candidates at or under the largest window (75%)
+    steps = [e for e in result.history if e["event"] == "step"]
+    skipped = next(e for e in result.history if e["event"] == "remeasure")["not_remeasured"]
+    assert skipped == [e["step"] for e in steps if e["macs_fraction"] > 0.75] and skipped
+    assert parts["remeasure"]["eval_subnet_images"] == (len(steps) + 1 - len(skipped)) * search_images
     assert parts["joint-train"]["train_subnet_images"] == compute["train"]["joint"]["subnet_images"]
     assert parts["rank"]["train_gmacs"] == pytest.approx(compute["train"]["rank-noise"]["forward_gmacs"])
     usnet_parts = loaded(ws)[0].compute["parts"]
