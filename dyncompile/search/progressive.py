@@ -30,7 +30,8 @@ from dyncompile.search.greedy import pick_exhaustive, pick_lazy
 from dyncompile.search.methods import SearchMethod, register_search_method
 from dyncompile.search.result import SearchResult, subnet_name
 from dyncompile.search.run import SearchOptions, SearchRun
-from dyncompile.search.select import PairedCounts, filter_chain, select_for_budgets, selectable_ceiling
+from dyncompile.search.select import (PairedCounts, filter_chain, select_for_budgets, selectable_ceiling,
+                                     under_ceiling)
 from dyncompile.search.subnets import full_config
 
 __all__ = ["floor_groups", "shrink_candidates", "finetune_check_every", "run_progressive"]
@@ -171,12 +172,11 @@ def _select(run: SearchRun) -> None:
     # Candidates above every budget's window can be neither chosen nor filter one that can (`selectable_ceiling`):
     # they are not re-measured and not filtered, unless joint training draws from the whole filtered chain.
     ceiling = 1.0 if o.joint_pool == "chain" else selectable_ceiling(o.subnets, o.tolerance, o.budget_window)
-    considered = [e for e in chain if e["step"] == 0 or e["macs_fraction"] <= ceiling + 1e-9]
-    above = [e for e in chain if e not in considered]
+    considered = under_ceiling(chain, ceiling)
     if o.remeasure_chain:
         # A candidate's accuracy was measured when it was committed; every later fine-tune changed the shared
         # weights. Filtering on those stale numbers drops larger candidates as "dominated" by smaller,
-        # fine-tuned ones and empties the windows of the larger budgets. Measure them all again, now, keeping
+        # fine-tuned ones and empties the windows of the larger budgets. Measure them again, now, keeping
         # which images each gets right: the paired test needs them.
         rows = []
         with run.timed("remeasure"):
@@ -187,10 +187,11 @@ def _select(run: SearchRun) -> None:
                 rows.append(correct)
         counts = PairedCounts.from_correct([e["step"] for e in considered], torch.stack(rows))
         better = counts.reduced(run.procs.sum, len(run.splits.search)).better(o.select_z)
+        measured = {e["step"] for e in considered}
         run.event("remeasure", accuracies=[round(e["accuracy"], 4) for e in chain],
-                  not_remeasured=[e["step"] for e in above])
+                  not_remeasured=[e["step"] for e in chain if e["step"] not in measured])
     rule = {} if better is None else {"better": better}
-    filtered = sorted(filter_chain(considered, **rule) + above, key=lambda e: -e["macs_fraction"])
+    filtered = filter_chain(chain, **rule, ceiling=ceiling)
     chosen, notes = select_for_budgets(chain, o.subnets, o.tolerance, o.budget_window, filtered=filtered, **rule)
     for text in notes:
         run.event("note", text=text)

@@ -26,7 +26,7 @@ import torch
 from dyncompile.errors import ConfigError
 
 __all__ = ["BUDGET_WINDOWS", "PairedCounts", "filter_chain", "select_for_budgets", "selectable_ceiling",
-           "widths_for_budgets"]
+           "under_ceiling", "widths_for_budgets"]
 
 BUDGET_WINDOWS = ("under", "around")  # a cap (the default), or the paper's budget ± tolerance
 _EPS = 1e-9
@@ -76,15 +76,22 @@ class PairedCounts:
         return lambda a, b: self.z(a, b) > z
 
 
-def filter_chain(chain: list[dict], better: Better = _plain_better) -> list[dict]:
+def under_ceiling(chain: list[dict], ceiling: float) -> list[dict]:
+    """The full model and the candidates at or under `ceiling` (see `selectable_ceiling`), in chain order."""
+    return [e for e in chain if e["step"] == 0 or e["macs_fraction"] <= ceiling + _EPS]
+
+
+def filter_chain(chain: list[dict], better: Better = _plain_better, *, ceiling: float = 1.0) -> list[dict]:
     """Drop every candidate that some smaller candidate is `better` than: larger must mean more accurate.
 
     `chain` is in search order (largest first), each with "macs_fraction" and "accuracy"; the first entry (the
     full model, the distillation teacher) always stays. With the plain rule (any difference counts) the kept
     chain is strictly monotone; with a noise-aware rule a candidate survives a smaller one that is better only
-    within the noise."""
+    within the noise. Candidates above `ceiling` stay unfiltered and `better` is never asked about them: no
+    budget can choose them (`selectable_ceiling`), so they need no fresh accuracy."""
     rest = sorted(chain[1:], key=lambda e: e["macs_fraction"])
-    kept = [e for k, e in enumerate(rest) if not any(better(smaller, e) for smaller in rest[:k])]
+    kept = [e for k, e in enumerate(rest)
+            if e["macs_fraction"] > ceiling + _EPS or not any(better(smaller, e) for smaller in rest[:k])]
     return [chain[0], *sorted(kept, key=lambda e: -e["macs_fraction"])]
 
 

@@ -15,7 +15,7 @@ from dyncompile.ir import ChannelSet, DynGraph, reorder_groups, uniform_config
 from dyncompile.pipeline import analyse_model
 from dyncompile.search.progressive import floor_groups, shrink_candidates
 from dyncompile.search.select import (PairedCounts, filter_chain, select_for_budgets, selectable_ceiling,
-                                     widths_for_budgets)
+                                     under_ceiling, widths_for_budgets)
 from dyncompile.search.rank import group_order, l1_scores
 from dyncompile.search.result import SearchResult, apply_result
 from dyncompile.search.usnet import uniform_widths
@@ -176,15 +176,21 @@ def test_selectable_ceiling_is_the_top_of_the_largest_window_below_full_width():
        budgets=st.sets(st.sampled_from([0.1, 0.25, 0.4, 0.5, 0.75, 1.0]), min_size=1),
        window=st.sampled_from(["under", "around"]))
 def test_candidates_above_every_window_change_no_choice(candidates, budgets, window):
-    """The search re-measures and filters only candidates at or under `selectable_ceiling` (issue 14): leaving
-    the others out of the filter (and keeping them unfiltered) must choose exactly what filtering all would."""
+    """The search re-measures and filters only candidates at or under `selectable_ceiling` (issue 14): keeping
+    the others unfiltered, never comparing them, must choose exactly what filtering all would."""
     ordered = sorted(candidates, reverse=True)  # a chain: MACs (in percent) fall step by step
     chain = [entry(1.0, 0.97, 0)] + [entry(m / 100, a, i + 1) for i, (m, a) in enumerate(ordered)]
     budgets = sorted(budgets)
     ceiling = selectable_ceiling(budgets, 0.05, window)
-    considered = [e for e in chain if e["step"] == 0 or e["macs_fraction"] <= ceiling + 1e-9]
-    above = [e for e in chain if e not in considered]
-    pruned = sorted(filter_chain(considered) + above, key=lambda e: -e["macs_fraction"])
+    above = {e["step"] for e in chain} - {e["step"] for e in under_ceiling(chain, ceiling)}
+    asked = []
+
+    def plain_better(a, b):  # the plain rule, recording which candidates it is asked about
+        asked.extend((a["step"], b["step"]))
+        return a["accuracy"] > b["accuracy"]
+
+    pruned = filter_chain(chain, plain_better, ceiling=ceiling)
+    assert not above & set(asked)  # candidates above the ceiling need no (re-measured) accuracy
     try:
         expected = chosen_steps(chain, budgets, window=window, filtered=filter_chain(chain))
     except ConfigError:
